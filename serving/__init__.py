@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the ZMQ ingress, the embodiment router and the batched policy replicas."""

@@ -1,0 +1,31 @@
+"""The application builder: `import_path: serving.app:build_app` in serve_config.yaml.
+
+One policy deployment per embodiment, named after its tag, so serve_config.yaml sets each one's replicas,
+autoscaling and resources on its own; one ZMQ ingress in front of them.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serving.config import BatchingConfig, FleetArgs
+from serving.ingress import ZmqIngress
+from serving.policy_deployment import PolicyDeployment
+
+INGRESS_NAME = "ZmqIngress"
+# Per-request access logs cost more than a tiny model's forward pass; serve_config.yaml can turn them on.
+QUIET = {"enable_access_log": False}
+
+
+def build_app(args: FleetArgs) -> Application:
+    if isinstance(args, dict):  # called from Python rather than through Serve's typed-args path
+        args = FleetArgs.model_validate(args)
+    policies = {}
+    for tag, emb in args.embodiments.items():
+        batching = BatchingConfig(max_batch_size=emb.max_batch_size, batch_wait_ms=emb.batch_wait_ms)
+        policies[tag] = PolicyDeployment.options(
+            name=tag, user_config=batching.model_dump(), logging_config=QUIET
+        ).bind(
+            tag, str(args.checkpoint_path(tag)), emb
+        )
+    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET).bind(args.ingress, policies, args.embodiments)

@@ -1,0 +1,159 @@
+"""Typed configuration of a fleet application: the `args:` of `serve_config.yaml`.
+
+Everything has a default that works on one machine, so `args: {}` serves the two demo embodiments.
+Validation errors name the field and say what was expected; Serve shows them in `serve status`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_CHECKPOINT_ROOT = "checkpoints"
+
+
+def canonical_tag(tag: str) -> str:
+    """Embodiment tags are case-insensitive (`GR1`, `EmbodimentTag.GR1` and `gr1` are one tag)."""
+    tag = tag.strip()
+    if tag.lower().startswith("embodimenttag."):
+        tag = tag.split(".", 1)[1]
+    return tag.lower()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortConfig(_Strict):
+    """One ZMQ ROUTER socket. Robots on it are served `embodiment` unless a request names another."""
+
+    port: int = Field(ge=1, le=65535)
+    embodiment: str
+    api_token: str | None = Field(default=None, description="Overrides ingress.api_token on this port.")
+
+    @field_validator("embodiment")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        return canonical_tag(v)
+
+
+class CurveConfig(_Strict):
+    """CurveZMQ encryption and client authentication (keys as z85 text, see `python -m clients.keys`)."""
+
+    server_public_key: str
+    server_secret_key: str
+    allowed_client_keys: list[str] | None = Field(
+        default=None, description="Client public keys allowed to connect; None allows any client that knows the server key."
+    )
+
+
+class IngressConfig(_Strict):
+    host: str = "127.0.0.1"
+    ports: list[PortConfig] = Field(
+        default_factory=lambda: [PortConfig(port=5555, embodiment="gr1"), PortConfig(port=5556, embodiment="unitree_g1")]
+    )
+    api_token: str | None = None
+    curve: CurveConfig | None = None
+    max_message_bytes: int = Field(default=64 * 2**20, ge=1024, description="zmq.MAXMSGSIZE: larger messages are dropped by ZMQ.")
+    max_batch_per_request: int = Field(default=64, ge=1, description="Largest B one request may carry.")
+    max_inflight_batches: int = Field(
+        default=4, ge=1, description="Batches of one embodiment on their way to replicas at once; past it requests wait and batch up."
+    )
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> "IngressConfig":
+        seen: dict[int, str] = {}
+        for p in self.ports:
+            if p.port in seen:
+                raise ValueError(
+                    f"ingress.ports: port {p.port} is listed twice (for {seen[p.port]!r} and {p.embodiment!r}); "
+                    "each port serves one default embodiment"
+                )
+            seen[p.port] = p.embodiment
+        if not self.ports:
+            raise ValueError("ingress.ports: expected at least one port, got none")
+        return self
+
+
+class EmbodimentConfig(_Strict):
+    """One embodiment: its checkpoint and how its policy replicas run."""
+
+    checkpoint: str | None = Field(
+        default=None, description="Checkpoint directory; default checkpoints/<demo_preset>-<tag> when demo_preset is set."
+    )
+    demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
+        default=None, description="Build a demo checkpoint of this preset offline where `checkpoint` is missing."
+    )
+    backend: Literal["native", "gr00t"] = "native"
+    device: str = Field(default="auto", description="auto (CUDA where present), cpu, cuda, cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    strict: bool = True
+    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in each replica (CPU).")
+    # Batching defaults; the live values come from the deployment's user_config (see BatchingConfig).
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _has_source(self) -> "EmbodimentConfig":
+        if self.checkpoint is None and self.demo_preset is None:
+            raise ValueError("checkpoint: expected a checkpoint directory (or demo_preset to build one), got neither")
+        return self
+
+
+class BatchingConfig(_Strict):
+    """A policy deployment's `user_config`: changes apply live, without restarting replicas."""
+
+    max_batch_size: int = Field(default=16, ge=1, description="Most samples in one forward pass.")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the ingress waits to fill a batch.")
+
+
+def _default_embodiments() -> dict[str, EmbodimentConfig]:
+    return {
+        "gr1": EmbodimentConfig(demo_preset="small"),
+        "unitree_g1": EmbodimentConfig(demo_preset="small"),
+    }
+
+
+class FleetArgs(_Strict):
+    """`args:` of the fleet application (`import_path: serving.app:build_app`)."""
+
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    embodiments: dict[str, EmbodimentConfig] = Field(default_factory=_default_embodiments)
+    checkpoint_root: str = Field(
+        default=DEFAULT_CHECKPOINT_ROOT, description="Where relative checkpoint paths live (relative to the working directory)."
+    )
+
+    @field_validator("embodiments")
+    @classmethod
+    def _canonical_tags(cls, v: dict[str, EmbodimentConfig]) -> dict[str, EmbodimentConfig]:
+        out: dict[str, EmbodimentConfig] = {}
+        for tag, cfg in v.items():
+            key = canonical_tag(tag)
+            if key in out:
+                raise ValueError(f"embodiments: {tag!r} and another entry are the same tag {key!r} (tags are case-insensitive)")
+            out[key] = cfg
+        if not out:
+            raise ValueError("embodiments: expected at least one embodiment, got none")
+        return out
+
+    @model_validator(mode="after")
+    def _ports_name_served_embodiments(self) -> "FleetArgs":
+        for p in self.ingress.ports:
+            if p.embodiment not in self.embodiments:
+                raise ValueError(
+                    f"ingress.ports: port {p.port} defaults to embodiment {p.embodiment!r}, "
+                    f"which is not configured; configured: {sorted(self.embodiments)}"
+                )
+        return self
+
+    def checkpoint_path(self, tag: str) -> Path:
+        """Absolute checkpoint directory of `tag`, resolved once where the app is built."""
+        cfg = self.embodiments[tag]
+        if cfg.checkpoint is not None:
+            path = Path(os.path.expanduser(cfg.checkpoint))
+        else:
+            path = Path(os.path.expanduser(self.checkpoint_root)) / f"{cfg.demo_preset}-{tag}"
+        return path.resolve()  # relative paths: against the working directory of `serve run`

@@ -1,0 +1,227 @@
+"""The ZMQ ingress: unmodified GR00T robots (REQ sockets) in, policy deployments out.
+
+One ROUTER socket per configured port accepts any number of REQ robots; every request becomes an asyncio
+task, so robots are served concurrently, never one at a time. Every request is answered, the failing ones
+with `{"error": ...}` naming the fault. get_action requests go through the embodiment's micro-batcher (one
+Ray call per batch); the rare endpoints (reset, get_modality_config, info) call the policy directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from importlib import metadata
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from clients.codec import CodecError, packb, unpackb
+from serving.batcher import EmbodimentBatcher
+from serving.config import EmbodimentConfig, IngressConfig, PortConfig
+from serving.messages import InferenceRequest
+from serving.protocol import (
+    UNAUTHORIZED,
+    RequestError,
+    format_action_reply,
+    parse_action_request,
+    parse_envelope,
+)
+from serving.router import EmbodimentRouter
+
+logger = logging.getLogger("ray.serve")
+
+try:
+    VERSION = metadata.version("fleetserve")
+except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+    VERSION = "0+unknown"
+
+KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
+
+
+class _Once:
+    """Fetch a value from a replica once, share it with every waiting request, retry after a failure."""
+
+    def __init__(self, fetch):
+        self._fetch = fetch
+        self._task: asyncio.Task | None = None
+
+    async def _run(self):
+        return await self._fetch()
+
+    async def get(self):
+        if self._task is None or (self._task.done() and self._task.exception() is not None):
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return await asyncio.shield(self._task)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=1, max_ongoing_requests=100)
+class ZmqIngress:
+    async def __init__(
+        self,
+        config: IngressConfig,
+        handles: dict[str, DeploymentHandle],
+        embodiments: dict[str, EmbodimentConfig],
+    ):
+        self.config = config
+        self.router: EmbodimentRouter[DeploymentHandle] = EmbodimentRouter(handles)
+        self.batchers: dict[str, EmbodimentBatcher] = {}
+        self._describe: dict[str, _Once] = {}
+        self._modality: dict[str, _Once] = {}
+        for tag, handle in self.router.items():
+            emb = embodiments[tag]
+            self.batchers[tag] = EmbodimentBatcher(
+                tag,
+                (lambda reqs, h=handle: h.infer.remote(reqs)),
+                max_batch_size=emb.max_batch_size,
+                batch_wait_ms=emb.batch_wait_ms,
+                max_inflight=config.max_inflight_batches,
+            )
+            self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
+            self._modality[tag] = _Once(lambda h=handle: h.modality_config.remote())
+        for b in self.batchers.values():
+            b.start()
+        self._ctx = zmq.asyncio.Context()
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._loops: list[asyncio.Task] = []
+        self._handlers: set[asyncio.Task] = set()
+        self._closing = False
+        for port in config.ports:
+            sock = self._bind(port)
+            self._sockets.append(sock)
+            self._loops.append(asyncio.get_running_loop().create_task(self._serve(sock, port), name=f"zmq-{port.port}"))
+        endpoints = ", ".join(f"tcp://{config.host}:{p.port} ({p.embodiment})" for p in config.ports)
+        logger.info("ZMQ ingress listening on %s", endpoints)
+
+    def _bind(self, port: PortConfig) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        if self.config.curve is not None:
+            sock.curve_server = True
+            sock.curve_publickey = self.config.curve.server_public_key.encode()
+            sock.curve_secretkey = self.config.curve.server_secret_key.encode()
+        address = f"tcp://{self.config.host}:{port.port}"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            for other in self._sockets:
+                other.close(0)
+            raise RuntimeError(
+                f"ingress.ports: cannot bind {address} for {port.embodiment!r}: {exc.strerror}"
+                + (" (another server, or another fleetserve app, holds this port)" if exc.errno == zmq.EADDRINUSE else "")
+            ) from None
+        return sock
+
+    async def _serve(self, sock: zmq.asyncio.Socket, port: PortConfig) -> None:
+        token = port.api_token if port.api_token is not None else self.config.api_token
+        while not self._closing:
+            frames = await sock.recv_multipart(copy=False)
+            task = asyncio.get_running_loop().create_task(self._answer(sock, port, token, frames))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _answer(self, sock, port: PortConfig, token: str | None, frames: list[zmq.Frame]) -> None:
+        # A REQ robot's request arrives as [identity, b"", body]; the reply must go back the same way.
+        if len(frames) < 3 or frames[-2].bytes != b"":
+            return  # not a REQ peer; there is no envelope to answer on
+        received = time.time()
+        try:
+            reply = await self._respond(port, token, frames[-1].buffer, received)
+        except RequestError as exc:
+            reply = {"error": str(exc)}
+        except Exception as exc:  # a bug of ours must still reach the robot as an answer
+            logger.exception("Unexpected error answering a request on port %d", port.port)
+            reply = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        try:
+            payload = packb(reply)
+        except Exception as exc:
+            payload = packb({"error": f"internal error: reply could not be encoded: {exc}"})
+        await sock.send_multipart([frames[0], b"", payload], copy=False)
+
+    async def _respond(self, port: PortConfig, token: str | None, body, received: float) -> Any:
+        try:
+            msg = unpackb(body)
+        except CodecError as exc:
+            raise RequestError(f"request: {exc}") from None
+        env = parse_envelope(msg)
+        if token is not None and not hmac.compare_digest((env.api_token or "").encode(), token.encode()):
+            return {"error": UNAUTHORIZED}
+        tag = self.router.resolve(env.embodiment_tag or port.embodiment)
+        if env.endpoint == "get_action":
+            return await self._get_action(tag, env.data, received)
+        if env.endpoint == "ping":
+            return {"status": "ok", "message": "Server is running", "embodiment_tag": tag}
+        if env.endpoint == "get_modality_config":
+            return await self._modality[tag].get()
+        if env.endpoint == "reset":
+            options = env.data.get("options")
+            if options is not None and not isinstance(options, dict):
+                raise RequestError(f"options: expected a map or null, got {type(options).__name__}")
+            return await self.router.handle(tag).reset.remote(options)
+        if env.endpoint == "info":
+            return await self._info(port)
+        if env.endpoint == "kill":
+            return {"error": KILL_REFUSED}
+        raise RequestError(f"endpoint: {env.endpoint!r} is not served")  # parse_envelope lets only known ones through
+
+    async def _get_action(self, tag: str, data: dict, received: float) -> Any:
+        req = parse_action_request(data)
+        if not 1 <= req.samples <= self.config.max_batch_per_request:
+            raise RequestError(
+                f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
+            )
+        delivered = await self.batchers[tag].submit(InferenceRequest(req.observation, req.options, req.samples))
+        outcome = delivered.outcome
+        if outcome.error is not None:
+            return {"error": outcome.error}
+        info = dict(outcome.info)
+        info["server"] = {
+            "batch_size": delivered.batch_size,
+            "embodiment_tag": tag,
+            "replica": delivered.replica,
+            "queue_ms": round(delivered.queue_ms, 3),
+            "infer_ms": round(delivered.infer_ms, 3),
+            "total_ms": round((time.time() - received) * 1000.0, 3),
+        }
+        return format_action_reply(req, outcome.action, info)
+
+    async def _info(self, port: PortConfig) -> dict[str, Any]:
+        tags = self.router.tags
+        described = await asyncio.gather(*(self._describe[t].get() for t in tags))
+        return {"default_embodiment": port.embodiment, "embodiments": dict(zip(tags, described)), "version": VERSION}
+
+    async def __call__(self, request) -> dict[str, Any]:
+        """HTTP status page (the Serve proxy's route): where robots connect and how the queues look."""
+        return {
+            "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment} for p in self.config.ports],
+            "embodiments": {tag: b.stats() for tag, b in self.batchers.items()},
+            "open_requests": len(self._handlers),
+            "version": VERSION,
+        }
+
+    def check_health(self) -> None:
+        for task in self._loops:
+            if task.done():
+                raise RuntimeError(f"ingress task {task.get_name()} stopped: {task.exception() if not task.cancelled() else 'cancelled'}")
+        for tag, b in self.batchers.items():
+            if not b.alive:
+                raise RuntimeError(f"ingress batcher of {tag!r} stopped")
+
+    async def __del__(self) -> None:
+        # Graceful shutdown: stop taking requests, answer the ones in flight, then close the sockets.
+        self._closing = True
+        for t in self._loops:
+            t.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=10)
+        for b in self.batchers.values():
+            await b.close()
+        for s in self._sockets:
+            s.close(0)
+        self._ctx.term()

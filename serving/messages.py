@@ -1,0 +1,34 @@
+"""What travels between the ingress and the policy replicas: one Ray call carries a list of these.
+
+Plain dataclasses of numpy arrays and builtins, so Ray serialises them with pickle protocol 5 and the
+arrays travel out-of-band (zero-copy reads from the object store on the replica's side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class InferenceRequest:
+    observation: dict[str, Any]  # nested form: {"video": {...}, "state": {...}, "language": {...}}
+    options: dict[str, Any] | None
+    samples: int  # B, as counted by the ingress; the policy checks it for real
+
+
+@dataclass
+class InferenceOutcome:
+    action: dict[str, Any] | None
+    info: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass
+class BatchReply:
+    outcomes: list[InferenceOutcome]
+    replica: str
+    # The replica's live batching settings (its user_config), so the ingress follows changes without a restart.
+    max_batch_size: int
+    batch_wait_ms: float
+    timings: list[dict[str, float]] = field(default_factory=list)  # per outcome: forward_start (epoch s), infer_ms, batch_size

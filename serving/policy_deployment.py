@@ -1,0 +1,122 @@
+"""A policy replica: loads one embodiment's checkpoint once and answers batches of requests.
+
+The ingress sends one call per batch; `@serve.batch` merges calls that arrive while a forward pass runs
+(from several ingresses, or from one that is ahead of us), and the merged requests are cut into forward
+passes of at most `max_batch_size` samples. The forward pass runs in a worker thread so the replica's event
+loop keeps accepting calls (and health checks) meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from serving.config import BatchingConfig, EmbodimentConfig
+from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+def _chunks(requests: list[InferenceRequest], max_samples: int) -> list[list[InferenceRequest]]:
+    """Cut into consecutive runs of at most `max_samples` samples; one request is never split."""
+    out: list[list[InferenceRequest]] = []
+    run: list[InferenceRequest] = []
+    size = 0
+    for r in requests:
+        if run and size + r.samples > max_samples:
+            out.append(run)
+            run, size = [], 0
+        run.append(r)
+        size += r.samples
+    if run:
+        out.append(run)
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5)
+class PolicyDeployment:
+    def __init__(self, tag: str, checkpoint: str, config: EmbodimentConfig):
+        import policy  # torch and transformers load here, in the replica, not in the ingress
+
+        self.tag = tag
+        path = Path(checkpoint)
+        if config.demo_preset is not None and not (path / "config.json").exists():
+            logger.info("Building the %r demo checkpoint for %s at %s (offline, once)", config.demo_preset, tag, path)
+            policy.ensure_demo_checkpoint(path, config.demo_preset, embodiments=(tag,))
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        device = _resolve_device(config.device)
+        self.policy = policy.load_policy(
+            str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype
+        )
+        self.batching = BatchingConfig(max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        logger.info("Policy %s ready on %s from %s", tag, device, path)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.batching = BatchingConfig(**(user_config or {}))
+        self._merge.set_max_batch_size(self.batching.max_batch_size)
+
+    async def infer(self, requests: list[InferenceRequest]) -> BatchReply:
+        return await self._merge(requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _merge(self, calls: list[list[InferenceRequest]]) -> list[BatchReply]:
+        flat = [r for call in calls for r in call]
+        outcomes: list[InferenceOutcome] = []
+        timings: list[dict[str, float]] = []
+        for chunk in _chunks(flat, self.batching.max_batch_size):
+            o, t = await asyncio.to_thread(self._forward, chunk)
+            outcomes += o
+            timings += t
+        replies, start = [], 0
+        for call in calls:
+            end = start + len(call)
+            replies.append(
+                BatchReply(outcomes[start:end], self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
+                           timings[start:end])
+            )
+            start = end
+        return replies
+
+    def _forward(self, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            results = self.policy.get_actions([(r.observation, r.options) for r in chunk], return_exceptions=True)
+        except Exception as exc:  # a failure of the forward pass itself reaches every request in it
+            results = [exc] * len(chunk)
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
+        outcomes = [
+            InferenceOutcome(None, {}, f"{type(res).__name__}: {res}" if not isinstance(res, ValueError) else str(res))
+            if isinstance(res, BaseException)
+            else InferenceOutcome(res[0], res[1])
+            for res in results
+        ]
+        timing = {"forward_start": started, "infer_ms": infer_ms, "batch_size": float(batch_size)}
+        return outcomes, [timing] * len(chunk)
+
+    def describe(self) -> dict[str, Any]:
+        return self.policy.describe()
+
+    def modality_config(self) -> dict[str, Any]:
+        return self.policy.get_modality_config()
+
+    def reset(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        return self.policy.reset(options)
