@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from serving.config import BatchingConfig, FleetArgs
+from serving.config import FleetArgs
 from serving.ingress import ZmqIngress
 from serving.policy_deployment import PolicyDeployment
 
@@ -22,10 +22,8 @@ def build_app(args: FleetArgs) -> Application:
         args = FleetArgs.model_validate(args)
     policies = {}
     for tag, emb in args.embodiments.items():
-        batching = BatchingConfig(max_batch_size=emb.max_batch_size, batch_wait_ms=emb.batch_wait_ms)
+        # Batching goes in user_config only: changing it reconfigures replicas live instead of restarting them.
         policies[tag] = PolicyDeployment.options(
-            name=tag, user_config=batching.model_dump(), logging_config=QUIET
-        ).bind(
-            tag, str(args.checkpoint_path(tag)), emb
-        )
-    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET).bind(args.ingress, policies, args.embodiments)
+            name=tag, user_config=emb.batching.model_dump(), logging_config=QUIET
+        ).bind(tag, str(args.checkpoint_path(tag)), emb.policy_config())
+    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET).bind(args.ingress, policies)

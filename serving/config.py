@@ -78,11 +78,18 @@ class IngressConfig(_Strict):
         return self
 
 
-class EmbodimentConfig(_Strict):
-    """One embodiment: its checkpoint and how its policy replicas run."""
+class BatchingConfig(_Strict):
+    """A policy deployment's `user_config`: changes apply live, without restarting replicas."""
+
+    max_batch_size: int = Field(default=16, ge=1, description="Most samples in one forward pass.")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the ingress waits to fill a batch.")
+
+
+class PolicyConfig(_Strict):
+    """How a policy replica loads its embodiment: the replica's init args (a change restarts replicas)."""
 
     checkpoint: str | None = Field(
-        default=None, description="Checkpoint directory; default checkpoints/<demo_preset>-<tag> when demo_preset is set."
+        default=None, description="Checkpoint directory; default <checkpoint_root>/<demo_preset>-<tag> when demo_preset is set."
     )
     demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
         default=None, description="Build a demo checkpoint of this preset offline where `checkpoint` is missing."
@@ -92,22 +99,21 @@ class EmbodimentConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     strict: bool = True
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in each replica (CPU).")
-    # Batching defaults; the live values come from the deployment's user_config (see BatchingConfig).
-    max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_ms: float = Field(default=2.0, ge=0)
 
     @model_validator(mode="after")
-    def _has_source(self) -> "EmbodimentConfig":
+    def _has_source(self) -> "PolicyConfig":
         if self.checkpoint is None and self.demo_preset is None:
             raise ValueError("checkpoint: expected a checkpoint directory (or demo_preset to build one), got neither")
         return self
 
 
-class BatchingConfig(_Strict):
-    """A policy deployment's `user_config`: changes apply live, without restarting replicas."""
+class EmbodimentConfig(PolicyConfig):
+    """One embodiment: its checkpoint, how its replicas run, and its starting batching settings."""
 
-    max_batch_size: int = Field(default=16, ge=1, description="Most samples in one forward pass.")
-    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the ingress waits to fill a batch.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(**self.model_dump(exclude={"batching"}))
 
 
 def _default_embodiments() -> dict[str, EmbodimentConfig]:

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from clients.codec import CodecError, packb, unpackb
 from serving.batcher import EmbodimentBatcher
-from serving.config import EmbodimentConfig, IngressConfig, PortConfig
+from serving.config import IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.protocol import (
     UNAUTHORIZED,
@@ -59,13 +59,12 @@ class _Once:
         return await asyncio.shield(self._task)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=1, max_ongoing_requests=100)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, num_replicas=1, max_ongoing_requests=100)
 class ZmqIngress:
     async def __init__(
         self,
         config: IngressConfig,
         handles: dict[str, DeploymentHandle],
-        embodiments: dict[str, EmbodimentConfig],
     ):
         self.config = config
         self.router: EmbodimentRouter[DeploymentHandle] = EmbodimentRouter(handles)
@@ -73,13 +72,9 @@ class ZmqIngress:
         self._describe: dict[str, _Once] = {}
         self._modality: dict[str, _Once] = {}
         for tag, handle in self.router.items():
-            emb = embodiments[tag]
+            # Batching starts at the defaults and follows each replica's live user_config from its first reply.
             self.batchers[tag] = EmbodimentBatcher(
-                tag,
-                (lambda reqs, h=handle: h.infer.remote(reqs)),
-                max_batch_size=emb.max_batch_size,
-                batch_wait_ms=emb.batch_wait_ms,
-                max_inflight=config.max_inflight_batches,
+                tag, (lambda reqs, h=handle: h.infer.remote(reqs)), max_inflight=config.max_inflight_batches
             )
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
             self._modality[tag] = _Once(lambda h=handle: h.modality_config.remote())
@@ -94,8 +89,23 @@ class ZmqIngress:
             sock = self._bind(port)
             self._sockets.append(sock)
             self._loops.append(asyncio.get_running_loop().create_task(self._serve(sock, port), name=f"zmq-{port.port}"))
-        endpoints = ", ".join(f"tcp://{config.host}:{p.port} ({p.embodiment})" for p in config.ports)
-        logger.info("ZMQ ingress listening on %s", endpoints)
+        self._announce = asyncio.get_running_loop().create_task(self._announce_when_ready())
+
+    async def _announce_when_ready(self) -> None:
+        """One log line, once every policy answers, telling the user how to connect a robot."""
+        endpoints = ", ".join(f"tcp://{self.config.host}:{p.port} ({p.embodiment})" for p in self.config.ports)
+        logger.info("ZMQ ingress listening on %s; waiting for the policies to load", endpoints)
+        try:
+            await asyncio.gather(*(d.get() for d in self._describe.values()))
+        except Exception as exc:
+            logger.error("A policy failed to load, see its deployment in `serve status`: %s", exc)
+            return
+        first = self.config.ports[0]
+        logger.info(
+            "Fleet ready: %s. Connect a robot: clients.PolicyClient(host=%r, port=%d), "
+            "or try `python -m clients.example --port %d`.",
+            endpoints, self.config.host, first.port, first.port,
+        )
 
     def _bind(self, port: PortConfig) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.ROUTER)

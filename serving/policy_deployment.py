@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.config import BatchingConfig, EmbodimentConfig
+from serving.config import BatchingConfig, PolicyConfig
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
 
 logger = logging.getLogger("ray.serve")
@@ -46,9 +46,9 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, health_check_period_s=5)
 class PolicyDeployment:
-    def __init__(self, tag: str, checkpoint: str, config: EmbodimentConfig):
+    def __init__(self, tag: str, checkpoint: str, config: PolicyConfig):
         import policy  # torch and transformers load here, in the replica, not in the ingress
 
         self.tag = tag
@@ -64,7 +64,7 @@ class PolicyDeployment:
         self.policy = policy.load_policy(
             str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype
         )
-        self.batching = BatchingConfig(max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms)
+        self.batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._replica = serve.get_replica_context().replica_id.unique_id
         logger.info("Policy %s ready on %s from %s", tag, device, path)
 
