@@ -118,7 +118,7 @@ class EmbodimentBatcher:
             message = f"policy {self.tag!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
             for p in batch:
                 if not p.future.done():
-                    p.future.set_result(Delivered(InferenceOutcome(None, {}, message), "", 0, 0.0, 0.0))
+                    p.future.set_result(Delivered(InferenceOutcome(None, {}, message, "policy"), "", 0, 0.0, 0.0))
             return
         finally:
             self._slots.release()

@@ -24,6 +24,7 @@ from clients.codec import CodecError, packb, unpackb
 from serving.batcher import EmbodimentBatcher
 from serving.config import IngressConfig, PortConfig
 from serving.messages import InferenceRequest
+from serving.metrics import FleetMetrics, MetricsBuffer
 from serving.protocol import (
     UNAUTHORIZED,
     RequestError,
@@ -41,6 +42,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that was not
     VERSION = "0+unknown"
 
 KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
+METRICS_FLUSH_S = 1.0
 
 
 class _Once:
@@ -57,6 +59,15 @@ class _Once:
         if self._task is None or (self._task.done() and self._task.exception() is not None):
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await asyncio.shield(self._task)
+
+
+class _Call:
+    """What the metrics need to know about one request, filled in as it is parsed."""
+
+    __slots__ = ("embodiment", "endpoint", "outcome")
+
+    def __init__(self, embodiment: str):
+        self.embodiment, self.endpoint, self.outcome = embodiment, "unknown", "ok"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, num_replicas=1, max_ongoing_requests=100)
@@ -85,10 +96,15 @@ class ZmqIngress:
         self._loops: list[asyncio.Task] = []
         self._handlers: set[asyncio.Task] = set()
         self._closing = False
+        self._metrics = MetricsBuffer(FleetMetrics())
+        self._robots: dict[int, int] = {}
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._flush_metrics(), name="metrics")]
         for port in config.ports:
             sock = self._bind(port)
             self._sockets.append(sock)
-            self._loops.append(asyncio.get_running_loop().create_task(self._serve(sock, port), name=f"zmq-{port.port}"))
+            self._loops.append(loop.create_task(self._serve(sock, port), name=f"zmq-{port.port}"))
+            self._background.append(loop.create_task(self._count_robots(sock, port.port), name=f"monitor-{port.port}"))
         self._announce = asyncio.get_running_loop().create_task(self._announce_when_ready())
 
     async def _announce_when_ready(self) -> None:
@@ -141,28 +157,32 @@ class ZmqIngress:
         if len(frames) < 3 or frames[-2].bytes != b"":
             return  # not a REQ peer; there is no envelope to answer on
         received = time.time()
+        call = _Call(port.embodiment)
         try:
-            reply = await self._respond(port, token, frames[-1].buffer, received)
+            reply = await self._respond(call, port, token, frames[-1].buffer, received)
         except RequestError as exc:
-            reply = {"error": str(exc)}
+            reply, call.outcome = {"error": str(exc)}, exc.kind
         except Exception as exc:  # a bug of ours must still reach the robot as an answer
             logger.exception("Unexpected error answering a request on port %d", port.port)
-            reply = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            reply, call.outcome = {"error": f"internal error: {type(exc).__name__}: {exc}"}, "internal"
         try:
             payload = packb(reply)
         except Exception as exc:
-            payload = packb({"error": f"internal error: reply could not be encoded: {exc}"})
+            payload, call.outcome = packb({"error": f"internal error: reply could not be encoded: {exc}"}), "internal"
+        self._metrics.request(call.embodiment, call.endpoint, call.outcome)
         await sock.send_multipart([frames[0], b"", payload], copy=False)
 
-    async def _respond(self, port: PortConfig, token: str | None, body, received: float) -> Any:
+    async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
         try:
             msg = unpackb(body)
         except CodecError as exc:
             raise RequestError(f"request: {exc}") from None
         env = parse_envelope(msg)
+        call.endpoint = env.endpoint
         if token is not None and not hmac.compare_digest((env.api_token or "").encode(), token.encode()):
-            return {"error": UNAUTHORIZED}
+            raise RequestError(UNAUTHORIZED, "unauthorized")
         tag = self.router.resolve(env.embodiment_tag or port.embodiment)
+        call.embodiment = tag
         if env.endpoint == "get_action":
             return await self._get_action(tag, env.data, received)
         if env.endpoint == "ping":
@@ -177,7 +197,7 @@ class ZmqIngress:
         if env.endpoint == "info":
             return await self._info(port)
         if env.endpoint == "kill":
-            return {"error": KILL_REFUSED}
+            raise RequestError(KILL_REFUSED, "refused")
         raise RequestError(f"endpoint: {env.endpoint!r} is not served")  # parse_envelope lets only known ones through
 
     async def _get_action(self, tag: str, data: dict, received: float) -> Any:
@@ -189,7 +209,9 @@ class ZmqIngress:
         delivered = await self.batchers[tag].submit(InferenceRequest(req.observation, req.options, req.samples))
         outcome = delivered.outcome
         if outcome.error is not None:
-            return {"error": outcome.error}
+            raise RequestError(outcome.error, outcome.error_kind or "policy")
+        total_ms = (time.time() - received) * 1000.0
+        self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms)
         info = dict(outcome.info)
         info["server"] = {
             "batch_size": delivered.batch_size,
@@ -197,7 +219,7 @@ class ZmqIngress:
             "replica": delivered.replica,
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
-            "total_ms": round((time.time() - received) * 1000.0, 3),
+            "total_ms": round(total_ms, 3),
         }
         return format_action_reply(req, outcome.action, info)
 
@@ -206,12 +228,30 @@ class ZmqIngress:
         described = await asyncio.gather(*(self._describe[t].get() for t in tags))
         return {"default_embodiment": port.embodiment, "embodiments": dict(zip(tags, described)), "version": VERSION}
 
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_S)
+            self._metrics.flush()
+            for tag, b in self.batchers.items():
+                self._metrics.sink.queue_depth.set(b.queued, tags={"embodiment": tag})
+
+    async def _count_robots(self, sock: zmq.asyncio.Socket, port: int) -> None:
+        """Robots connected to a port, from ZMQ's socket monitor (accepted minus disconnected peers)."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._robots[port] = 0
+        while True:
+            frames = await monitor.recv_multipart()
+            event = int.from_bytes(frames[0][:2], "little")
+            self._robots[port] += 1 if event == zmq.EVENT_ACCEPTED else -1
+            self._metrics.sink.robots.set(self._robots[port], tags={"port": str(port)})
+
     async def __call__(self, request) -> dict[str, Any]:
         """HTTP status page (the Serve proxy's route): where robots connect and how the queues look."""
         return {
             "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment} for p in self.config.ports],
             "embodiments": {tag: b.stats() for tag, b in self.batchers.items()},
             "open_requests": len(self._handlers),
+            "robots_connected": {str(p): n for p, n in self._robots.items()},
             "version": VERSION,
         }
 
@@ -226,7 +266,7 @@ class ZmqIngress:
     async def __del__(self) -> None:
         # Graceful shutdown: stop taking requests, answer the ones in flight, then close the sockets.
         self._closing = True
-        for t in self._loops:
+        for t in self._loops + self._background:
             t.cancel()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=10)

@@ -22,6 +22,7 @@ class InferenceOutcome:
     action: dict[str, Any] | None
     info: dict[str, Any]
     error: str | None = None
+    error_kind: str | None = None  # "bad_request" (the robot's fault) or "policy" (ours); metrics count by it
 
 
 @dataclass

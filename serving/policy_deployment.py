@@ -38,6 +38,14 @@ def _chunks(requests: list[InferenceRequest], max_samples: int) -> list[list[Inf
     return out
 
 
+def _outcome(result: Any) -> InferenceOutcome:
+    if not isinstance(result, BaseException):
+        return InferenceOutcome(result[0], result[1])
+    if isinstance(result, ValueError):  # PolicyInputError and friends: the message names the field
+        return InferenceOutcome(None, {}, str(result), "bad_request")
+    return InferenceOutcome(None, {}, f"policy error: {type(result).__name__}: {result}", "policy")
+
+
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -103,12 +111,7 @@ class PolicyDeployment:
             results = [exc] * len(chunk)
         infer_ms = (time.perf_counter() - t0) * 1000.0
         batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
-        outcomes = [
-            InferenceOutcome(None, {}, f"{type(res).__name__}: {res}" if not isinstance(res, ValueError) else str(res))
-            if isinstance(res, BaseException)
-            else InferenceOutcome(res[0], res[1])
-            for res in results
-        ]
+        outcomes = [_outcome(res) for res in results]
         timing = {"forward_start": started, "infer_ms": infer_ms, "batch_size": float(batch_size)}
         return outcomes, [timing] * len(chunk)
 

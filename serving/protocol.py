@@ -22,7 +22,14 @@ UNAUTHORIZED = "Unauthorized: Invalid API token"  # upstream's exact text; clien
 
 
 class RequestError(ValueError):
-    """A request the server refuses; the message goes back to the robot as `{"error": message}`."""
+    """A request the server refuses; the message goes back to the robot as `{"error": message}`.
+
+    `kind` names the class of fault for metrics: bad_request, unauthorized, overloaded, deadline, policy.
+    """
+
+    def __init__(self, message: str, kind: str = "bad_request"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ObservationForm(str, Enum):
