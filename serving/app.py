@@ -24,6 +24,14 @@ def build_app(args: FleetArgs) -> Application:
     for tag, emb in args.embodiments.items():
         # Batching goes in user_config only: changing it reconfigures replicas live instead of restarting them.
         policies[tag] = PolicyDeployment.options(
-            name=tag, user_config=emb.batching.model_dump(), logging_config=QUIET
+            name=tag,
+            user_config=emb.batching.model_dump(),
+            logging_config=QUIET,
+            # A checkpoint that cannot load will not load on the 20th try either: fail the deployment soon,
+            # with the loader's error (path and cause) in `serve status`.
+            max_constructor_retry_count=3,
         ).bind(tag, str(args.checkpoint_path(tag)), emb.policy_config())
-    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET).bind(args.ingress, policies)
+    admission = {tag: emb.admission(args.ingress) for tag, emb in args.embodiments.items()}
+    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET, max_constructor_retry_count=3).bind(
+        args.ingress, policies, admission
+    )

@@ -16,17 +16,25 @@ from typing import Any, Awaitable, Callable
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+from serving.protocol import RequestError
 
-# A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again.
+# A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again, until the
+# requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
-MAX_ATTEMPTS = 4
+MAX_BACKOFF_S = 1.0
 
 
 @dataclass
 class _Pending:
     request: InferenceRequest
     received: float  # time.time() at the ingress
+    deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def abandoned(self) -> bool:
+        """Answered already (its deadline passed while it waited): not worth a place in a batch."""
+        return self.future.done()
 
 
 @dataclass
@@ -49,11 +57,13 @@ class EmbodimentBatcher:
         max_batch_size: int = 16,
         batch_wait_ms: float = 2.0,
         max_inflight: int = 4,
+        max_queued: int = 512,
     ):
         self.tag = tag
         self._send = send
         self.max_batch_size = max_batch_size
         self.batch_wait_ms = batch_wait_ms
+        self.max_queued = max_queued
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_inflight)
         self._carry: _Pending | None = None  # the request that did not fit in the last batch
@@ -71,25 +81,48 @@ class EmbodimentBatcher:
     def queued(self) -> int:
         return self._queue.qsize() + (self._carry is not None)
 
-    async def submit(self, request: InferenceRequest) -> Delivered:
-        pending = _Pending(request, time.time())
+    async def submit(self, request: InferenceRequest, received: float, deadline: float) -> Delivered:
+        """The outcome of `request`, or a RequestError: overloaded (at once) or deadline exceeded (at the deadline)."""
+        if self.queued >= self.max_queued:
+            raise RequestError(
+                f"overloaded: {self.queued} get_action requests for {self.tag!r} are already waiting "
+                f"(max_queued_requests={self.max_queued}); retry later",
+                "overloaded",
+            )
+        request.deadline = deadline
+        pending = _Pending(request, received, deadline)
         self._queue.put_nowait(pending)
-        return await pending.future
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            pending.future.cancel()  # a late action must never reach the robot; the batcher skips it
+            raise RequestError(
+                f"deadline exceeded: no action for {self.tag!r} within {(deadline - received) * 1000:.0f} ms "
+                f"({self.queued} waiting, {len(self._inflight)} batches in flight)",
+                "deadline",
+            ) from None
 
     async def _next(self, timeout: float | None) -> _Pending | None:
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        if timeout is None:
-            return await self._queue.get()
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        if timeout <= 0:
-            return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        """The next live request (abandoned ones are dropped), waiting at most `timeout` (None: forever)."""
+        loop = asyncio.get_running_loop()
+        close_at = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._carry is not None:
+                item, self._carry = self._carry, None
+            elif not self._queue.empty():
+                item = self._queue.get_nowait()
+            elif close_at is None:
+                item = await self._queue.get()
+            else:
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    return None
+            if not item.abandoned:
+                return item
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,7 +146,7 @@ class EmbodimentBatcher:
 
     async def _dispatch(self, batch: list[_Pending]) -> None:
         try:
-            reply = await self._call_with_retry([p.request for p in batch])
+            reply = await self._call_with_retry([p.request for p in batch], max(p.deadline for p in batch))
         except Exception as exc:  # the whole batch failed: every robot in it hears why
             message = f"policy {self.tag!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
             for p in batch:
@@ -132,15 +165,18 @@ class EmbodimentBatcher:
                 Delivered(outcome, reply.replica, int(timing.get("batch_size", 0)), queue_ms, timing.get("infer_ms", 0.0))
             )
 
-    async def _call_with_retry(self, requests: list[InferenceRequest]) -> BatchReply:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+    async def _call_with_retry(self, requests: list[InferenceRequest], deadline: float) -> BatchReply:
+        attempt = 0
+        while True:
             try:
-                return await self._send(requests)
+                # Bounded by the deadline: a hung replica must not hold an in-flight slot forever.
+                return await asyncio.wait_for(self._send(requests), max(0.0, deadline - time.time()))
             except RETRYABLE:
-                if attempt == MAX_ATTEMPTS:
+                attempt += 1
+                backoff = min(MAX_BACKOFF_S, 0.05 * 2**attempt)
+                if time.time() + backoff >= deadline:
                     raise
-                await asyncio.sleep(0.05 * 2**attempt)  # back off while Serve routes around or restarts it
-        raise AssertionError("unreachable")
+                await asyncio.sleep(backoff)  # while Serve routes around the dead replica or restarts it
 
     async def close(self) -> None:
         if self._task is not None:

@@ -62,6 +62,13 @@ class IngressConfig(_Strict):
     max_inflight_batches: int = Field(
         default=4, ge=1, description="Batches of one embodiment on their way to replicas at once; past it requests wait and batch up."
     )
+    request_timeout_ms: float = Field(
+        default=12_000, gt=0,
+        description="Answer 'deadline exceeded' after this long (below PolicyClient's 15 s default, so robots hear why).",
+    )
+    max_queued_requests: int = Field(
+        default=512, ge=1, description="get_action requests waiting per embodiment; past it new ones get 'overloaded' at once."
+    )
 
     @model_validator(mode="after")
     def _unique_ports(self) -> "IngressConfig":
@@ -107,13 +114,33 @@ class PolicyConfig(_Strict):
         return self
 
 
+class AdmissionConfig(_Strict):
+    """How the ingress admits one embodiment's requests; unset fields take the ingress-wide value."""
+
+    request_timeout_ms: float | None = Field(default=None, gt=0)
+    max_queued_requests: int | None = Field(default=None, ge=1)
+
+    def resolved(self, ingress: IngressConfig) -> "AdmissionConfig":
+        return AdmissionConfig(
+            request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
+            max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
+        )
+
+
 class EmbodimentConfig(PolicyConfig):
-    """One embodiment: its checkpoint, how its replicas run, and its starting batching settings."""
+    """One embodiment: its checkpoint, how its replicas run, its admission limits and starting batching."""
 
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    request_timeout_ms: float | None = Field(default=None, gt=0, description="Overrides ingress.request_timeout_ms.")
+    max_queued_requests: int | None = Field(default=None, ge=1, description="Overrides ingress.max_queued_requests.")
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(**self.model_dump(exclude={"batching"}))
+        return PolicyConfig(**self.model_dump(exclude={"batching", "request_timeout_ms", "max_queued_requests"}))
+
+    def admission(self, ingress: IngressConfig) -> AdmissionConfig:
+        return AdmissionConfig(
+            request_timeout_ms=self.request_timeout_ms, max_queued_requests=self.max_queued_requests
+        ).resolved(ingress)
 
 
 def _default_embodiments() -> dict[str, EmbodimentConfig]:

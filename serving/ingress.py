@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from importlib import metadata
 from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.auth
+import zmq.utils.z85
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from clients.codec import CodecError, packb, unpackb
+from clients.codec import CodecError, DecodeLimits, packb, unpackb
 from serving.batcher import EmbodimentBatcher
-from serving.config import IngressConfig, PortConfig
+from serving.config import AdmissionConfig, CurveConfig, IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.metrics import FleetMetrics, MetricsBuffer
 from serving.protocol import (
@@ -61,6 +64,25 @@ class _Once:
         return await asyncio.shield(self._task)
 
 
+class _AllowList:
+    """ZAP credentials provider: the CURVE public keys (z85) allowed to connect."""
+
+    def __init__(self, keys: list[str]):
+        self._keys = {zmq.utils.z85.decode(k.encode()) for k in keys}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self._keys
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process (Linux), for the status page: a leak shows as a climb here."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return -1.0
+
+
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
@@ -76,8 +98,11 @@ class ZmqIngress:
         self,
         config: IngressConfig,
         handles: dict[str, DeploymentHandle],
+        admission: dict[str, AdmissionConfig],
     ):
         self.config = config
+        self.admission = admission
+        self._limits = DecodeLimits(max_message_bytes=config.max_message_bytes, max_array_bytes=config.max_message_bytes)
         self.router: EmbodimentRouter[DeploymentHandle] = EmbodimentRouter(handles)
         self.batchers: dict[str, EmbodimentBatcher] = {}
         self._describe: dict[str, _Once] = {}
@@ -85,13 +110,17 @@ class ZmqIngress:
         for tag, handle in self.router.items():
             # Batching starts at the defaults and follows each replica's live user_config from its first reply.
             self.batchers[tag] = EmbodimentBatcher(
-                tag, (lambda reqs, h=handle: h.infer.remote(reqs)), max_inflight=config.max_inflight_batches
+                tag,
+                (lambda reqs, h=handle: h.infer.remote(reqs)),
+                max_inflight=config.max_inflight_batches,
+                max_queued=admission[tag].max_queued_requests,
             )
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
             self._modality[tag] = _Once(lambda h=handle: h.modality_config.remote())
         for b in self.batchers.values():
             b.start()
         self._ctx = zmq.asyncio.Context()
+        self._auth = self._start_curve_auth(config.curve) if config.curve is not None else None
         self._sockets: list[zmq.asyncio.Socket] = []
         self._loops: list[asyncio.Task] = []
         self._handlers: set[asyncio.Task] = set()
@@ -122,6 +151,18 @@ class ZmqIngress:
             "or try `python -m clients.example --port %d`.",
             endpoints, self.config.host, first.port, first.port,
         )
+
+    def _start_curve_auth(self, curve: CurveConfig):
+        """ZMQ's ZAP handler: with an allow-list, only those client keys complete the CURVE handshake."""
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        auth = AsyncioAuthenticator(self._ctx)
+        auth.start()
+        if curve.allowed_client_keys is None:
+            auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(curve.allowed_client_keys))
+        return auth
 
     def _bind(self, port: PortConfig) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -174,7 +215,7 @@ class ZmqIngress:
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
         try:
-            msg = unpackb(body)
+            msg = unpackb(body, limits=self._limits)
         except CodecError as exc:
             raise RequestError(f"request: {exc}") from None
         env = parse_envelope(msg)
@@ -206,7 +247,17 @@ class ZmqIngress:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
             )
-        delivered = await self.batchers[tag].submit(InferenceRequest(req.observation, req.options, req.samples))
+        budget_ms = self.admission[tag].request_timeout_ms
+        options = req.options
+        if options is not None and "deadline_ms" in options:
+            options = dict(options)
+            asked = options.pop("deadline_ms")  # ours, not the policy's
+            if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
+                raise RequestError(f"options.deadline_ms: expected a positive number of milliseconds, got {asked!r:.40}")
+            budget_ms = min(budget_ms, float(asked))
+        delivered = await self.batchers[tag].submit(
+            InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0
+        )
         outcome = delivered.outcome
         if outcome.error is not None:
             raise RequestError(outcome.error, outcome.error_kind or "policy")
@@ -252,6 +303,7 @@ class ZmqIngress:
             "embodiments": {tag: b.stats() for tag, b in self.batchers.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},
+            "rss_mb": _rss_mb(),
             "version": VERSION,
         }
 
@@ -274,4 +326,6 @@ class ZmqIngress:
             await b.close()
         for s in self._sockets:
             s.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()

@@ -15,6 +15,7 @@ class InferenceRequest:
     observation: dict[str, Any]  # nested form: {"video": {...}, "state": {...}, "language": {...}}
     options: dict[str, Any] | None
     samples: int  # B, as counted by the ingress; the policy checks it for real
+    deadline: float | None = None  # epoch seconds; past it the replica skips the request instead of computing it
 
 
 @dataclass

@@ -38,7 +38,16 @@ def _chunks(requests: list[InferenceRequest], max_samples: int) -> list[list[Inf
     return out
 
 
+class DeadlineExceeded(Exception):
+    pass
+
+
+_EXPIRED = DeadlineExceeded("deadline exceeded before its forward pass")
+
+
 def _outcome(result: Any) -> InferenceOutcome:
+    if isinstance(result, DeadlineExceeded):
+        return InferenceOutcome(None, {}, f"deadline exceeded: {result}", "deadline")
     if not isinstance(result, BaseException):
         return InferenceOutcome(result[0], result[1])
     if isinstance(result, ValueError):  # PolicyInputError and friends: the message names the field
@@ -105,10 +114,18 @@ class PolicyDeployment:
     def _forward(self, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
         started = time.time()
         t0 = time.perf_counter()
+        # A request whose robot has already been told "deadline exceeded" is not worth a forward pass.
+        live = [i for i, r in enumerate(chunk) if r.deadline is None or r.deadline > started]
+        results: list[Any] = [_EXPIRED] * len(chunk)
         try:
-            results = self.policy.get_actions([(r.observation, r.options) for r in chunk], return_exceptions=True)
+            computed = (
+                self.policy.get_actions([(chunk[i].observation, chunk[i].options) for i in live], return_exceptions=True)
+                if live else []
+            )
         except Exception as exc:  # a failure of the forward pass itself reaches every request in it
-            results = [exc] * len(chunk)
+            computed = [exc] * len(live)
+        for i, res in zip(live, computed):
+            results[i] = res
         infer_ms = (time.perf_counter() - t0) * 1000.0
         batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
         outcomes = [_outcome(res) for res in results]
