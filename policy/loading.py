@@ -1,0 +1,81 @@
+"""`load_policy`: one entry point for every backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
+from .checkpoint import check_directory, read_json
+
+BACKENDS = ("native", "gr00t", "auto")
+
+
+def resolve_device(device: Any = "cpu") -> str:
+    """"cpu", "cuda", "cuda:N", an int N (-> "cuda:N"), a torch.device, or "auto" (cuda if available, else cpu)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if isinstance(device, bool):
+        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N', an int or 'auto', got {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device: expected a non-negative CUDA index, got {device}")
+        device = f"cuda:{device}"
+    if not isinstance(device, str):
+        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N', an int or 'auto', got {device!r}")
+    d = device.strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return "cpu"
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+        if ":" in d and int(d[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return d
+    raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N', an int or 'auto', got {device!r}")
+
+
+def load_policy(
+    model_path: str | os.PathLike,
+    embodiment_tag: Any,
+    *,
+    device: Any = "cpu",
+    strict: bool = True,
+    backend: str = "native",
+    dtype: Any = None,
+    max_batch_per_request: int = DEFAULT_MAX_BATCH_PER_REQUEST,
+) -> BasePolicy:
+    """Load a policy for one embodiment of a checkpoint.
+
+    backend: "native" (our fleet_gr00t checkpoints), "gr00t" (NVIDIA's Isaac-GR00T package and its checkpoints)
+    or "auto" (native when config.json says model_type "fleet_gr00t", else gr00t).
+    dtype: None = bfloat16 on CUDA, float32 on CPU (native backend; gr00t picks its own).
+    Errors: a bad path or broken checkpoint names the file; an unknown tag lists the checkpoint's tags.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not isinstance(max_batch_per_request, int) or max_batch_per_request < 1:
+        raise ValueError(f"max_batch_per_request: expected a positive int, got {max_batch_per_request!r}")
+    dev = resolve_device(device)
+    if backend == "auto":
+        path = check_directory(model_path)
+        cfg = read_json(path / "config.json")
+        backend = "native" if isinstance(cfg, dict) and cfg.get("model_type") == "fleet_gr00t" else "gr00t"
+    if backend == "native":
+        from .native import NativePolicy
+
+        return NativePolicy(
+            model_path, embodiment_tag, device=dev, dtype=dtype, strict=strict,
+            max_batch_per_request=max_batch_per_request,
+        )
+    if dtype is not None and str(dtype).lower().removeprefix("torch.") not in ("bfloat16", "bf16"):
+        raise ValueError(f"dtype {dtype!r}: backend='gr00t' runs NVIDIA's policy in bfloat16 (leave dtype unset)")
+    from .gr00t_backend import Gr00tBackendPolicy
+
+    return Gr00tBackendPolicy(
+        model_path, embodiment_tag, device=dev, strict=strict, max_batch_per_request=max_batch_per_request
+    )
