@@ -29,9 +29,9 @@ def build_app(args: FleetArgs) -> Application:
             logging_config=QUIET,
             # A checkpoint that cannot load will not load on the 20th try either: fail the deployment soon,
             # with the loader's error (path and cause) in `serve status`.
-            max_constructor_retry_count=3,
+            max_constructor_retry_count=2,
         ).bind(tag, str(args.checkpoint_path(tag)), emb.policy_config())
     admission = {tag: emb.admission(args.ingress) for tag, emb in args.embodiments.items()}
-    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET, max_constructor_retry_count=3).bind(
+    return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET, max_constructor_retry_count=2).bind(
         args.ingress, policies, admission
     )

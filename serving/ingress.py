@@ -19,7 +19,6 @@ from typing import Any
 import zmq
 import zmq.asyncio
 import zmq.auth
-import zmq.utils.z85
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -68,10 +67,10 @@ class _AllowList:
     """ZAP credentials provider: the CURVE public keys (z85) allowed to connect."""
 
     def __init__(self, keys: list[str]):
-        self._keys = {zmq.utils.z85.decode(k.encode()) for k in keys}
+        self._keys = {k.encode() for k in keys}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self._keys
+        return key in self._keys  # pyzmq hands the client key over z85-encoded, as the config writes it
 
 
 def _rss_mb() -> float:
@@ -290,11 +289,14 @@ class ZmqIngress:
         """Robots connected to a port, from ZMQ's socket monitor (accepted minus disconnected peers)."""
         monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._robots[port] = 0
-        while True:
-            frames = await monitor.recv_multipart()
-            event = int.from_bytes(frames[0][:2], "little")
-            self._robots[port] += 1 if event == zmq.EVENT_ACCEPTED else -1
-            self._metrics.sink.robots.set(self._robots[port], tags={"port": str(port)})
+        try:
+            while True:
+                frames = await monitor.recv_multipart()
+                event = int.from_bytes(frames[0][:2], "little")
+                self._robots[port] += 1 if event == zmq.EVENT_ACCEPTED else -1
+                self._metrics.sink.robots.set(self._robots[port], tags={"port": str(port)})
+        finally:
+            monitor.close(0)  # an open socket would make ctx.term() block the shutdown
 
     async def __call__(self, request) -> dict[str, Any]:
         """HTTP status page (the Serve proxy's route): where robots connect and how the queues look."""
@@ -324,8 +326,10 @@ class ZmqIngress:
             await asyncio.wait(list(self._handlers), timeout=10)
         for b in self.batchers.values():
             await b.close()
+        await asyncio.gather(*self._loops, *self._background, return_exceptions=True)
         for s in self._sockets:
+            s.disable_monitor()
             s.close(0)
         if self._auth is not None:
             self._auth.stop()
-        self._ctx.term()
+        self._ctx.destroy(linger=0)  # never blocks, whatever socket is still open

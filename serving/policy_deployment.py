@@ -70,6 +70,9 @@ class PolicyDeployment:
 
         self.tag = tag
         path = Path(checkpoint)
+        if config.demo_preset is None and config.backend == "native" and not (path / "config.json").is_file():
+            # Before torch loads (seconds per try): a wrong path is the most common config mistake.
+            raise FileNotFoundError(f"checkpoint for {tag!r}: not a checkpoint directory: {path} (no config.json)")
         if config.demo_preset is not None and not (path / "config.json").exists():
             logger.info("Building the %r demo checkpoint for %s at %s (offline, once)", config.demo_preset, tag, path)
             policy.ensure_demo_checkpoint(path, config.demo_preset, embodiments=(tag,))

@@ -32,24 +32,30 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+# Ports the session Ray was started with (filled in by `ray_session`).
+_RAY_PORTS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A known Prometheus export port, so tests can read the fleet's metrics (the `metrics_port` fixture);
+    # the metrics agent runs without the dashboard too.
+    _RAY_PORTS["metrics"] = free_port()
+    # address="local": always a fresh Ray of our own, never one that happens to run on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=_RAY_PORTS["metrics"])
     yield ray
     serve.shutdown()
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    """A demo checkpoint (preset tiny, embodiments gr1 and unitree_g1, seed 0) built once per session, offline."""
-    from policy.make_demo_checkpoint import build_demo_checkpoint
-
-    path = build_demo_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny", "tiny", ("gr1", "unitree_g1"), seed=0)
-    return str(path)
+def metrics_port(ray_session) -> int:
+    """Ray's Prometheus endpoint of the session Ray: http://127.0.0.1:<metrics_port>/metrics."""
+    return _RAY_PORTS["metrics"]
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +77,27 @@ def deploy_config(applications: list[dict], timeout_s: int = 300) -> None:
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}), _blocking=False)
     for app in applications:
         client._wait_for_application_running(app["name"], timeout_s=timeout_s)
+
+
+def app_entry(name: str, checkpoint, ports: dict[str, int], *, ingress: dict | None = None,
+              embodiments: dict[str, dict] | None = None, deployments: dict[str, dict] | None = None) -> dict:
+    """`test_serving.fleet_app` under another app name, with fields of `args.ingress`, of
+    `args.embodiments.<tag>` and of the deployment entries (by name: a tag or "ZmqIngress") added or replaced."""
+    from test_serving import fleet_app
+
+    app = fleet_app(checkpoint, ports)
+    app["name"] = name
+    app["args"]["ingress"].update(ingress or {})
+    for tag, extra in (embodiments or {}).items():
+        app["args"]["embodiments"][tag].update(extra)
+    for entry in app["deployments"]:
+        entry.update((deployments or {}).get(entry["name"], {}))
+    return app
+
+
+def ingress_status(app: str, timeout_s: float = 30) -> dict:
+    """The ingress's status page (the JSON its HTTP route serves: open_requests, robots_connected, rss_mb, ...),
+    read through the app's handle so no HTTP port needs to be known."""
+    from ray import serve
+
+    return serve.get_app_handle(app).remote(None).result(timeout_s=timeout_s)
