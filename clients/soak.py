@@ -1,0 +1,543 @@
+"""`python -m clients.soak`: robots, hostile robots and crashing replicas, for minutes; nothing may be lost.
+
+    python -m clients.soak --target 127.0.0.1:5555 --target 127.0.0.1:5556 --robots 16 --duration 60 \\
+        --hostile-rate 0.1 --kill-replicas-every 15 --app fleet --json soak.json
+
+N robots (one thread and one REQ socket each) send `get_action` for `--duration` seconds, closed loop, with
+valid observations shaped from the server's `info` reply. A fraction `--hostile-rate` of the messages are
+hostile instead (from `clients.hostile`, the generator the fuzz test uses). With `--kill-replicas-every S`,
+every S seconds one policy replica of `--app` is killed with `ray.kill` (found among Ray's named actors,
+`SERVE_REPLICA::<app>#<deployment>#<id>` in namespace "serve"; the ingress is spared); Ray is imported only
+in that mode, and joined at `--ray-address` (default: the running local cluster).
+
+What must hold (exit status 1 otherwise):
+- lost == 0: every message got a reply within `--timeout-ms` (no reply at all is "lost");
+- every hostile message got `{"error": ...}` naming its fault (`hostile_mismatch` counts the others);
+- no good request got an error (`good_errors`, by kind: deadline, overloaded, policy, ...), and every
+  action reply had the embodiment's action keys (`garbled` counts replies that did not decode or fit).
+
+`run_soak(...)` returns the `SoakReport` for tests. numpy, pyzmq and msgpack only (plus ray in kill mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import zmq
+
+from .client import PolicyClient, PolicyServerError
+from .codec import CodecError, packb, unpackb
+from .fleet import Target, parse_target
+from .hostile import HostileGenerator
+from .observations import random_observation
+
+__all__ = ["SoakReport", "run_soak", "error_kind", "policy_replicas", "kill_one_replica", "main"]
+
+DEFAULT_TIMEOUT_MS = 20_000  # above the server's request_timeout_ms (12 s): a slow reply is an error, not lost
+MAX_ROBOTS = 512
+PAYLOAD_POOL = 8
+MAX_EXAMPLES = 5
+MAX_LATENCIES = 1_000_000
+INGRESS_DEPLOYMENT = "ZmqIngress"
+
+
+def error_kind(message: str) -> str:
+    """The class of an error reply, from its text: deadline, overloaded, unauthorized, policy, internal, bad_request."""
+    low = message.lower()
+    if "deadline exceeded" in low:
+        return "deadline"
+    if "overloaded" in low:
+        return "overloaded"
+    if low.startswith("unauthorized"):
+        return "unauthorized"
+    if low.startswith("internal error"):
+        return "internal"
+    if low.startswith("policy") or "policy error" in low:
+        return "policy"
+    return "bad_request"
+
+
+@dataclass
+class SoakReport:
+    targets: list[str]
+    robots: int
+    duration_s: float
+    hostile_rate: float
+    kill_every_s: float | None
+    timeout_ms: int
+    sent: int = 0
+    sent_good: int = 0
+    sent_hostile: int = 0
+    answered: int = 0  # any reply at all
+    actions: int = 0  # good requests answered with a well-formed action
+    good_errors: dict[str, int] = field(default_factory=dict)  # good requests answered with an error, by kind
+    hostile_errors: int = 0  # hostile messages answered with a fitting error (what must happen)
+    hostile_mismatch: int = 0  # hostile messages answered otherwise (no error, or an error naming the wrong thing)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # every error reply, good and hostile, by kind
+    hostile_by_category: dict[str, int] = field(default_factory=dict)
+    lost: int = 0  # no reply within timeout_ms
+    garbled: int = 0  # a reply that did not decode, or an action reply of the wrong form
+    kills: list[dict[str, Any]] = field(default_factory=list)  # {"t": s since start, "replica": actor name}
+    kill_failures: list[str] = field(default_factory=list)
+    kills_skipped: int = 0  # rounds where no deployment was fully up (still replacing the last one killed)
+    replicas_seen: list[str] = field(default_factory=list)  # info["server"]["replica"] of the actions
+    latency_ms: dict[str, float | None] = field(default_factory=dict)  # of good requests answered with an action
+    throughput_rps: float = 0.0
+    elapsed_s: float = 0.0
+    examples: dict[str, list[str]] = field(default_factory=dict)  # a few messages per failure class
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and not self.good_errors and self.hostile_mismatch == 0 and self.garbled == 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines = [
+            f"soak: {self.robots} robots -> {', '.join(self.targets)} for {self.elapsed_s:.1f} s, hostile "
+            f"{self.hostile_rate:.0%}, " + (f"a replica killed every {self.kill_every_s:g} s" if self.kill_every_s else "no kills"),
+            f"  sent {self.sent} (good {self.sent_good}, hostile {self.sent_hostile}); answered {self.answered}; "
+            f"lost {self.lost}",
+            f"  good: {self.actions} actions, {sum(self.good_errors.values())} errors {dict(self.good_errors) or ''}; "
+            f"{self.throughput_rps:.1f} req/s; latency ms p50 {fmt(lat.get('p50'))} p99 {fmt(lat.get('p99'))} "
+            f"max {fmt(lat.get('max'))}",
+            f"  hostile: {self.hostile_errors} answered with a fitting error, {self.hostile_mismatch} otherwise; "
+            f"garbled replies {self.garbled}",
+            f"  errors by kind {dict(sorted(self.errors_by_kind.items()))}",
+            f"  replicas killed {len(self.kills)}"
+            + (f" ({len(self.kill_failures)} kill attempts failed)" if self.kill_failures else "")
+            + (f" ({self.kills_skipped} rounds skipped: no deployment fully up)" if self.kills_skipped else "")
+            + f"; replicas seen answering {len(self.replicas_seen)}",
+        ]
+        for kind, messages in self.examples.items():
+            for m in messages:
+                lines.append(f"  e.g. {kind}: {m}")
+        lines.append("  OK" if self.ok else "  FAILED")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# replicas (kill mode; ray imported lazily)
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def policy_replicas(app: str, spare: Sequence[str] = (INGRESS_DEPLOYMENT,)) -> list[str]:
+    """Actor names of the live replicas of `app`'s deployments, except those named in `spare`."""
+    ray = _ray()
+    prefix = f"SERVE_REPLICA::{app}#"
+    names = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"] if isinstance(entry, dict) else entry
+        namespace = entry.get("namespace") if isinstance(entry, dict) else "serve"
+        if namespace != "serve" or not name.startswith(prefix):
+            continue
+        deployment = name[len(prefix):].split("#", 1)[0]
+        if deployment not in spare:
+            names.append(name)
+    return sorted(names)
+
+
+def _healthy_deployments(app: str) -> set[str] | None:
+    """Deployments of `app` that Serve reports HEALTHY (every replica up); None when Serve cannot tell."""
+    try:
+        from ray import serve
+
+        status = serve.status().applications.get(app)
+    except Exception:  # noqa: BLE001 - no Serve controller reachable from here: do not filter
+        return None
+    if status is None:
+        return set()
+    return {name for name, d in status.deployments.items() if str(getattr(d.status, "value", d.status)) == "HEALTHY"}
+
+
+def kill_one_replica(app: str, rng: np.random.Generator, spare: Sequence[str] = (INGRESS_DEPLOYMENT,),
+                     only_healthy: bool = True) -> str | None:
+    """Kill one live replica of `app` (not the spared deployments); its actor name, or None if none qualifies.
+
+    `only_healthy`: pick only among deployments Serve reports HEALTHY, so a kill never lands on a deployment
+    still replacing the replica killed last time (two faults at once are a different test).
+    """
+    ray = _ray()
+    names = policy_replicas(app, spare)
+    if only_healthy:
+        healthy = _healthy_deployments(app)
+        if healthy is not None:
+            prefix = f"SERVE_REPLICA::{app}#"
+            names = [n for n in names if n[len(prefix):].split("#", 1)[0] in healthy]
+    if not names:
+        return None
+    name = names[int(rng.integers(len(names)))]
+    try:
+        actor = ray.get_actor(name, namespace="serve")
+    except ValueError:  # died (or was replaced) between the listing and now
+        return None
+    # A crash, as far as Serve can tell: the actor dies; Serve's controller notices and starts a new replica.
+    ray.kill(actor, no_restart=True)
+    return name
+
+
+def _ensure_ray(address: str | None) -> None:
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# robots
+
+
+@dataclass
+class _TargetPlan:
+    target: Target
+    embodiment: dict[str, Any]
+    served: list[str]
+    good: list[bytes]
+    action_keys: frozenset
+    max_batch: int
+
+
+@dataclass
+class _RobotStats:
+    sent_good: int = 0
+    sent_hostile: int = 0
+    answered: int = 0
+    actions: int = 0
+    good_errors: Counter = field(default_factory=Counter)
+    errors_by_kind: Counter = field(default_factory=Counter)
+    hostile_by_category: Counter = field(default_factory=Counter)
+    hostile_errors: int = 0
+    hostile_mismatch: int = 0
+    lost: int = 0
+    garbled: int = 0
+    latencies: list[float] = field(default_factory=list)
+    replicas: set = field(default_factory=set)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def example(self, kind: str, text: str) -> None:
+        bucket = self.examples.setdefault(kind, [])
+        if len(bucket) < MAX_EXAMPLES:
+            bucket.append(text[:300])
+
+
+def _plan(target: Target, *, timeout_ms: int, api_token: str | None, seed: int, batch: int,
+          image_size: tuple[int, int] | None, max_batch: int | None) -> _TargetPlan:
+    with PolicyClient(target.host, target.port, timeout_ms=timeout_ms, api_token=api_token,
+                      embodiment_tag=target.embodiment_tag) as client:
+        info = client.info()
+    tag = target.embodiment_tag or info["default_embodiment"]
+    tag = next((t for t in info["embodiments"] if t.lower() == tag.lower()), tag)
+    emb = info["embodiments"][tag]
+    rng = np.random.default_rng(seed)
+    good = []
+    for _ in range(PAYLOAD_POOL):
+        request: dict[str, Any] = {
+            "endpoint": "get_action",
+            "data": {"observation": random_observation(emb, batch, image_size=image_size, rng=rng), "options": None},
+        }
+        if api_token is not None:
+            request["api_token"] = api_token
+        if target.embodiment_tag is not None:
+            request["embodiment_tag"] = target.embodiment_tag
+        good.append(packb(request))
+    limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
+    cap = max_batch or limits.get("max_batch_per_request") or 64
+    return _TargetPlan(target, emb, sorted(info["embodiments"]), good, frozenset(emb["action_dims"]), int(cap))
+
+
+class _Robot(threading.Thread):
+    def __init__(self, index: int, plan: _TargetPlan, *, ctx: zmq.Context, stop_at: float, timeout_ms: int,
+                 hostile_rate: float, seed: int, start: threading.Event, unauthorized_ok: bool) -> None:
+        super().__init__(name=f"soak-robot-{index}", daemon=True)
+        self.index, self.plan, self.ctx = index, plan, ctx
+        self.stop_at, self.timeout_ms, self.hostile_rate = stop_at, timeout_ms, hostile_rate
+        self.rng = np.random.default_rng([seed, index])
+        self.hostile = HostileGenerator(plan.embodiment, seed=seed * 1_000_003 + index, served_tags=plan.served,
+                                        tag=plan.target.embodiment_tag, max_batch_per_request=plan.max_batch)
+        self.go = start
+        self.unauthorized_ok = unauthorized_ok
+        self.stats = _RobotStats()
+        self.sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.REQ)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.plan.target.address)
+        return self.sock
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def _roundtrip(self, payload: bytes) -> Any:
+        """The decoded reply; `_LOST` when none came within the timeout (the socket is then rebuilt)."""
+        sock = self._socket()
+        try:
+            sock.send(payload, copy=False)
+            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+                self._drop()  # a REQ socket without its reply is stuck; a new one also never reads a late reply
+                return _LOST
+            frame = sock.recv(copy=False)
+        except zmq.ZMQError as exc:
+            self._drop()
+            return _Garbled(f"socket error: {exc}")
+        try:
+            return unpackb(frame.buffer)
+        except CodecError as exc:
+            return _Garbled(f"undecodable reply: {exc}")
+
+    def run(self) -> None:
+        s = self.stats
+        self.go.wait()
+        plan = self.plan
+        i = 0
+        try:
+            while time.monotonic() < self.stop_at:
+                i += 1
+                hostile = self.hostile.next() if self.rng.random() < self.hostile_rate else None
+                payload = hostile.payload if hostile is not None else plan.good[(self.index + i) % len(plan.good)]
+                if hostile is not None:
+                    s.sent_hostile += 1
+                    s.hostile_by_category[hostile.category] += 1
+                else:
+                    s.sent_good += 1
+                t0 = time.perf_counter()
+                reply = self._roundtrip(payload)
+                ms = (time.perf_counter() - t0) * 1000.0
+                if reply is _LOST:
+                    s.lost += 1
+                    s.example("lost", f"{'hostile ' + hostile.category if hostile else 'good get_action'}: "
+                                      f"no reply within {self.timeout_ms} ms")
+                    continue
+                if isinstance(reply, _Garbled):
+                    s.garbled += 1
+                    s.example("garbled", reply.why)
+                    continue
+                s.answered += 1
+                is_error = isinstance(reply, dict) and "error" in reply
+                if is_error:
+                    s.errors_by_kind[error_kind(str(reply["error"]))] += 1
+                if hostile is not None:
+                    why = hostile.check(reply)
+                    if why is not None and self.unauthorized_ok and is_error and error_kind(str(reply["error"])) == "unauthorized":
+                        why = None
+                    if why is None:
+                        s.hostile_errors += 1
+                    else:
+                        s.hostile_mismatch += 1
+                        s.example("hostile_mismatch", f"{hostile.category}: {why}")
+                    continue
+                if is_error:
+                    kind = error_kind(str(reply["error"]))
+                    s.good_errors[kind] += 1
+                    s.example(f"good_error:{kind}", str(reply["error"]))
+                    continue
+                if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], dict)
+                        and frozenset(reply[0]) == plan.action_keys):
+                    s.garbled += 1
+                    s.example("garbled", f"not an action reply: {str(reply)[:200]}")
+                    continue
+                s.actions += 1
+                if len(s.latencies) < MAX_LATENCIES:
+                    s.latencies.append(ms)
+                server = reply[1].get("server") if isinstance(reply[1], dict) else None
+                if isinstance(server, dict) and server.get("replica"):
+                    s.replicas.add(str(server["replica"]))
+        finally:
+            self._drop()
+
+
+class _Garbled:
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+_LOST = object()
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    arr = np.asarray(values)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": round(float(p50), 2), "p90": round(float(p90), 2), "p99": round(float(p99), 2),
+            "max": round(float(arr.max()), 2), "mean": round(float(arr.mean()), 2)}
+
+
+def run_soak(
+    targets: Sequence[Target | str],
+    robots: int,
+    duration_s: float,
+    *,
+    hostile_rate: float = 0.1,
+    kill_every_s: float | None = None,
+    app: str | None = None,
+    spare: Sequence[str] = (INGRESS_DEPLOYMENT,),
+    ray_address: str | None = None,
+    timeout_ms: int = DEFAULT_TIMEOUT_MS,
+    api_token: str | None = None,
+    batch: int = 1,
+    image_size: tuple[int, int] | None = None,
+    max_batch_per_request: int | None = None,
+    seed: int = 0,
+    log=None,
+) -> SoakReport:
+    """Run the soak (blocking, about `duration_s` + at most `timeout_ms`) and return its report."""
+    if not 1 <= robots <= MAX_ROBOTS:
+        raise ValueError(f"robots: expected 1 to {MAX_ROBOTS}, got {robots}")
+    if duration_s <= 0:
+        raise ValueError(f"duration: expected seconds > 0, got {duration_s}")
+    if not 0.0 <= hostile_rate <= 1.0:
+        raise ValueError(f"hostile_rate: expected a fraction from 0 to 1, got {hostile_rate}")
+    if kill_every_s is not None and (kill_every_s <= 0 or not app):
+        raise ValueError("kill_every_s: needs a positive period and the app name (--app)")
+    parsed = [t if isinstance(t, Target) else parse_target(str(t)) for t in targets]
+    if not parsed:
+        raise ValueError("targets: expected at least one --target")
+    plans = [
+        _plan(t, timeout_ms=timeout_ms, api_token=api_token, seed=seed + k, batch=batch, image_size=image_size,
+              max_batch=max_batch_per_request)
+        for k, t in enumerate(parsed)
+    ]
+    if kill_every_s is not None:
+        _ensure_ray(ray_address)
+        if not policy_replicas(app, spare):
+            raise ValueError(f"--app {app!r}: no replica to kill (no live SERVE_REPLICA::{app}#... actor but the spared {list(spare)})")
+    report = SoakReport([p.target.label for p in plans], robots, duration_s, hostile_rate, kill_every_s, timeout_ms)
+    ctx = zmq.Context()
+    start = threading.Event()
+    t_start = time.monotonic()
+    stop_at = t_start + duration_s
+    crew = [
+        _Robot(i, plans[i % len(plans)], ctx=ctx, stop_at=stop_at, timeout_ms=timeout_ms, hostile_rate=hostile_rate,
+               seed=seed, start=start, unauthorized_ok=api_token is not None)
+        for i in range(robots)
+    ]
+    for r in crew:
+        r.start()
+    start.set()
+    try:
+        if kill_every_s is not None:
+            rng = np.random.default_rng(seed)
+            next_kill = t_start + kill_every_s
+            while next_kill < stop_at:
+                time.sleep(max(0.0, next_kill - time.monotonic()))
+                try:
+                    name = kill_one_replica(app, rng, spare)
+                except Exception as exc:  # noqa: BLE001 - a failed kill is reported, the soak goes on
+                    report.kill_failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                    name = None
+                if name is not None:
+                    report.kills.append({"t": round(time.monotonic() - t_start, 2), "replica": name})
+                    if log:
+                        log(f"[{time.monotonic() - t_start:6.1f}s] killed {name}")
+                else:
+                    report.kills_skipped += 1
+                    if log:
+                        log(f"[{time.monotonic() - t_start:6.1f}s] no healthy replica to kill; skipped")
+                next_kill += kill_every_s
+        deadline = stop_at + timeout_ms / 1000.0 + 10.0  # the last requests get their full timeout
+        for r in crew:
+            r.join(max(0.0, deadline - time.monotonic()))
+        stuck = [r.name for r in crew if r.is_alive()]
+        if stuck:  # cannot happen with bounded polls; reported rather than hung on
+            report.examples["stuck_robots"] = stuck[:MAX_EXAMPLES]
+            report.lost += len(stuck)
+    finally:
+        report.elapsed_s = round(time.monotonic() - t_start, 2)
+        if not any(r.is_alive() for r in crew):  # term() would block on a socket still open
+            ctx.term()
+    latencies: list[float] = []
+    good_errors: Counter = Counter()
+    errors_by_kind: Counter = Counter()
+    categories: Counter = Counter()
+    replicas: set = set()
+    for r in crew:
+        s = r.stats
+        report.sent_good += s.sent_good
+        report.sent_hostile += s.sent_hostile
+        report.answered += s.answered
+        report.actions += s.actions
+        report.hostile_errors += s.hostile_errors
+        report.hostile_mismatch += s.hostile_mismatch
+        report.lost += s.lost
+        report.garbled += s.garbled
+        good_errors.update(s.good_errors)
+        errors_by_kind.update(s.errors_by_kind)
+        categories.update(s.hostile_by_category)
+        replicas |= s.replicas
+        latencies += s.latencies
+        for kind, msgs in s.examples.items():
+            bucket = report.examples.setdefault(kind, [])
+            bucket.extend(msgs[: MAX_EXAMPLES - len(bucket)])
+    report.sent = report.sent_good + report.sent_hostile
+    report.good_errors = dict(good_errors)
+    report.errors_by_kind = dict(errors_by_kind)
+    report.hostile_by_category = dict(sorted(categories.items()))
+    report.replicas_seen = sorted(replicas)
+    report.latency_ms = _percentiles(latencies)
+    report.throughput_rps = round(report.answered / max(report.elapsed_s, 1e-9), 2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", action="append", required=True, help="host:port (repeatable); host:port/tag routes by tag")
+    parser.add_argument("--robots", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds")
+    parser.add_argument("--hostile-rate", type=float, default=0.1, help="fraction of hostile messages (0-1)")
+    parser.add_argument("--kill-replicas-every", type=float, default=None, metavar="S",
+                        help="kill one policy replica of --app every S seconds (needs ray)")
+    parser.add_argument("--app", default=None, help="the Serve application whose replicas are killed")
+    parser.add_argument("--spare", action="append", default=None,
+                        help=f"deployment never killed (repeatable; default {INGRESS_DEPLOYMENT})")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join in kill mode (default: auto)")
+    parser.add_argument("--timeout-ms", type=int, default=DEFAULT_TIMEOUT_MS, help="a request without reply after this is lost")
+    parser.add_argument("--api-token", default=None)
+    parser.add_argument("--batch", type=int, default=1, help="B of the good observations")
+    parser.add_argument("--image-size", default=None, help="HxW of the good observations (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    args = parser.parse_args(argv)
+    image_size = None
+    if args.image_size:
+        h, _, w = args.image_size.lower().partition("x")
+        image_size = (int(h), int(w))
+    try:
+        report = run_soak(
+            args.target, args.robots, args.duration, hostile_rate=args.hostile_rate,
+            kill_every_s=args.kill_replicas_every, app=args.app, spare=tuple(args.spare or (INGRESS_DEPLOYMENT,)),
+            ray_address=args.ray_address, timeout_ms=args.timeout_ms, api_token=args.api_token, batch=args.batch,
+            image_size=image_size, seed=args.seed, log=lambda m: print(m, flush=True),
+        )
+    except (ValueError, OSError, PolicyServerError) as exc:  # bad arguments, no server (timeout), refused
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
