@@ -8,7 +8,7 @@
 
 from clients.modality import ActionConfig, ActionFormat, ActionRepresentation, ActionType, ModalityConfig
 
-from .base import BasePolicy, PolicyInputError, PolicyOutputError, flatten_action, unflatten_observation
+from .base import BasePolicy, PolicyInputError, PolicyOutputError
 from .checkpoint import CheckpointError
 from .embodiment import KNOWN_TAGS, EmbodimentTag, resolve_tag
 from .loading import load_policy, resolve_device
@@ -30,8 +30,6 @@ __all__ = [
     "resolve_tag",
     "build_demo_checkpoint",
     "ensure_demo_checkpoint",
-    "flatten_action",
-    "unflatten_observation",
 ]
 
 

@@ -67,30 +67,6 @@ def validate_options(options: Any) -> dict[str, Any]:
     return out
 
 
-def unflatten_observation(observation: Mapping[str, Any], modality_config: Mapping[str, ModalityConfig]) -> dict:
-    """Flat form ("video.<cam>", "state.<key>", the language key holding [str] * B) -> nested form.
-
-    For the upstream simulation wrapper's observation format; keys it does not know are left out.
-    """
-    nested: dict[str, dict[str, Any]] = {"video": {}, "state": {}, "language": {}}
-    for modality in ("video", "state"):
-        for key in modality_config[modality].modality_keys:
-            flat = f"{modality}.{key}"
-            if flat in observation:
-                nested[modality][key] = observation[flat]
-    for key in modality_config["language"].modality_keys:
-        for flat in (key, f"language.{key}"):
-            if flat in observation:
-                nested["language"][key] = observation[flat]
-                break
-    return nested
-
-
-def flatten_action(action: Mapping[str, Any]) -> dict[str, Any]:
-    """{key: array} -> {"action.<key>": array} (the flat reply form)."""
-    return {f"action.{k}": v for k, v in action.items()}
-
-
 class BasePolicy(abc.ABC):
     """A policy for one embodiment. Subclasses implement `get_modality_config`, `describe` and `_infer`."""
 
