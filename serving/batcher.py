@@ -148,10 +148,16 @@ class EmbodimentBatcher:
         try:
             reply = await self._call_with_retry([p.request for p in batch], max(p.deadline for p in batch))
         except Exception as exc:  # the whole batch failed: every robot in it hears why
-            message = f"policy {self.tag!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
+            if isinstance(exc, (asyncio.TimeoutError, *RETRYABLE)):
+                # Out of time, waiting on a slow or restarting replica: the robot's deadline, not a policy fault.
+                kind, message = "deadline", (
+                    f"deadline exceeded: no replica of {self.tag!r} answered in time ({type(exc).__name__})"
+                )
+            else:
+                kind, message = "policy", f"policy {self.tag!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
             for p in batch:
                 if not p.future.done():
-                    p.future.set_result(Delivered(InferenceOutcome(None, {}, message, "policy"), "", 0, 0.0, 0.0))
+                    p.future.set_result(Delivered(InferenceOutcome(None, {}, message, kind), "", 0, 0.0, 0.0))
             return
         finally:
             self._slots.release()
