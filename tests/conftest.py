@@ -79,14 +79,27 @@ def deploy_config(applications: list[dict], timeout_s: int = 300) -> None:
         client._wait_for_application_running(app["name"], timeout_s=timeout_s)
 
 
+def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16, name: str = "fleet-test") -> dict:
+    """The application entry of a serve config, like serve_config.yaml's, on free ports and tiny checkpoints."""
+    args = {
+        "ingress": {"ports": [{"port": p, "embodiment": tag} for tag, p in ports.items()]},
+        "embodiments": {tag: {"checkpoint": str(checkpoint), "device": "cpu"} for tag in ports},
+    }
+    deployments = [
+        {"name": tag, "ray_actor_options": {"num_cpus": 0.2},
+         "user_config": {"max_batch_size": max_batch_size, "batch_wait_ms": 5}}
+        for tag in ports
+    ]
+    deployments.append({"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}})
+    return {"name": name, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
+            "deployments": deployments}
+
+
 def app_entry(name: str, checkpoint, ports: dict[str, int], *, ingress: dict | None = None,
               embodiments: dict[str, dict] | None = None, deployments: dict[str, dict] | None = None) -> dict:
-    """`test_serving.fleet_app` under another app name, with fields of `args.ingress`, of
+    """`fleet_app` under another app name, with fields of `args.ingress`, of
     `args.embodiments.<tag>` and of the deployment entries (by name: a tag or "ZmqIngress") added or replaced."""
-    from test_serving import fleet_app
-
-    app = fleet_app(checkpoint, ports)
-    app["name"] = name
+    app = fleet_app(checkpoint, ports, name=name)
     app["args"]["ingress"].update(ingress or {})
     for tag, extra in (embodiments or {}).items():
         app["args"]["embodiments"][tag].update(extra)

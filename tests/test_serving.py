@@ -15,7 +15,7 @@ from ray import serve
 
 from clients import ModalityConfig, PolicyClient, PolicyServerError, packb, unpackb
 from clients.observations import random_observation, to_flat
-from conftest import deploy_config, free_port
+from conftest import deploy_config, fleet_app, free_port
 
 APP = "fleet-test"
 
@@ -31,22 +31,6 @@ class Fleet:
 
     def embodiment(self, tag: str) -> dict:
         return self.info["embodiments"][tag]
-
-
-def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16) -> dict:
-    """The application entry of a serve config, like serve_config.yaml's, on free ports and tiny checkpoints."""
-    args = {
-        "ingress": {"ports": [{"port": p, "embodiment": tag} for tag, p in ports.items()]},
-        "embodiments": {tag: {"checkpoint": str(checkpoint), "device": "cpu"} for tag in ports},
-    }
-    deployments = [
-        {"name": tag, "ray_actor_options": {"num_cpus": 0.2},
-         "user_config": {"max_batch_size": max_batch_size, "batch_wait_ms": 5}}
-        for tag in ports
-    ]
-    deployments.append({"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}})
-    return {"name": APP, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
-            "deployments": deployments}
 
 
 @pytest.fixture(scope="module")
