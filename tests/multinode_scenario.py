@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ REPO = TESTS.parent
 sys.path[:0] = [str(REPO), str(TESTS)]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
+from conftest import app_entry, free_port, wait_for  # noqa: E402  (after the path set-up above)
+
 APP = "fleet-multinode"
 DEPLOYMENTS = ("gr1", "unitree_g1", "ZmqIngress")
 REQUEST_TIMEOUT_MS = 12_000  # the ingress's default request deadline, stated for the report
@@ -55,39 +56,19 @@ SYSTEM_CONFIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def fleet_app(checkpoint: str, ports: dict[str, int]) -> dict:
-    args = {
-        "ingress": {"host": "127.0.0.1", "ports": [{"port": p, "embodiment": tag} for tag, p in ports.items()],
-                    "request_timeout_ms": REQUEST_TIMEOUT_MS},
-        "embodiments": {tag: {"checkpoint": checkpoint, "device": "cpu", "torch_threads": 1} for tag in ports},
-    }
+    """The test fleet's app entry, each policy pinned to its stand-in GPU node, the ingress to the head."""
     gpu = {"gr1": "gpu_a", "unitree_g1": "gpu_b"}
-    deployments = [
-        {"name": tag, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2, "resources": {gpu[tag]: 0.1}},
-         "user_config": {"max_batch_size": 8, "batch_wait_ms": 2}}
-        for tag in ports
-    ]
-    deployments.append({"name": "ZmqIngress", "num_replicas": 1,
-                        "ray_actor_options": {"num_cpus": 0.1, "resources": {"ingress": 1}}})
-    return {"name": APP, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
-            "deployments": deployments}
+    return app_entry(
+        APP, checkpoint, ports,
+        ingress={"request_timeout_ms": REQUEST_TIMEOUT_MS},
+        embodiments={tag: {"torch_threads": 1} for tag in ports},
+        deployments={
+            **{tag: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2, "resources": {gpu[tag]: 0.1}},
+                     "user_config": {"max_batch_size": 8, "batch_wait_ms": 2}} for tag in ports},
+            "ZmqIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1, "resources": {"ingress": 1}}},
+        },
+    )
 
 
 class Placement:
@@ -116,7 +97,7 @@ class Placement:
         return out
 
     def when(self, condition) -> dict[str, list[dict[str, str]]] | None:
-        """The placement if `condition(placement)` holds, else None (for wait_until)."""
+        """The placement if `condition(placement)` holds, else None (for wait_for)."""
         placement = self.actors()
         return placement if condition(placement) else None
 
@@ -179,14 +160,14 @@ def run(checkpoint: str | None, system_config: dict[str, Any] | None = None) -> 
 
         with PolicyClient("127.0.0.1", ports["gr1"], timeout_ms=60_000) as c:
             info = c.info()
-        before = wait_until(lambda: placement.when(lambda p: all(len(p.get(d, [])) == 1 for d in DEPLOYMENTS)), 30,
+        before = wait_for(lambda: placement.when(lambda p: all(len(p.get(d, [])) == 1 for d in DEPLOYMENTS)), 30,
                             "one ALIVE actor per deployment in the state API")
         result["placement_method"] = placement.method
         result["placement_before"] = before
 
         targets = [("127.0.0.1", ports[tag], tag, info["embodiments"][tag]) for tag in ("gr1", "unitree_g1")]
         load = RobotLoad(targets, robots=4, timeout_ms=30_000, max_seconds=150, pause_s=0.02).start()
-        wait_until(lambda: all(load.snapshot()["answered"].get(t, 0) >= 5 for t in ports), 60,
+        wait_for(lambda: all(load.snapshot()["answered"].get(t, 0) >= 5 for t in ports), 60,
                    "both embodiments to answer robots")
         phase("robots served by both embodiments")
         served_before = load.snapshot()
@@ -225,19 +206,19 @@ def run(checkpoint: str | None, system_config: dict[str, Any] | None = None) -> 
             return None
 
         try:
-            new_replicas = wait_until(new_gr1_answer, 90, "gr1 to answer again from a new replica")
+            new_replicas = wait_for(new_gr1_answer, 90, "gr1 to answer again from a new replica")
         finally:
             result["recovery_timeline"] = recovery
         result["recovery_s"] = round(time.monotonic() - removed_mono, 1)
         phase("gr1 answers again")
-        after_placement = wait_until(lambda: placement.when(lambda p: all(len(p.get(d, [])) == 1 for d in DEPLOYMENTS)),
+        after_placement = wait_for(lambda: placement.when(lambda p: all(len(p.get(d, [])) == 1 for d in DEPLOYMENTS)),
                                      30, "gr1's new replica in the state API")
         result["placement_after"] = after_placement
         result["new_gr1_replicas"] = sorted(new_replicas)
 
         # A little more load on the recovered cluster: both embodiments keep answering.
         mark = load.snapshot()["answered"]
-        wait_until(lambda: all(load.snapshot()["answered"].get(t, 0) >= mark.get(t, 0) + 5 for t in ports), 30,
+        wait_for(lambda: all(load.snapshot()["answered"].get(t, 0) >= mark.get(t, 0) + 5 for t in ports), 30,
                    "both embodiments to keep answering after recovery")
         load.stop()
         phase("load stopped")
