@@ -349,7 +349,10 @@ class FleetGr00tModel(FleetGr00tPreTrainedModel):
         hidden = self.language_model(
             inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return self.backbone_proj(hidden), mask
+        # padded positions are masked out of the cross-attention anyway; zero them so that nothing non-finite
+        # there (e.g. a fully masked row with left padding) can leak through 0 * nan.
+        feats = torch.where(mask.unsqueeze(-1), self.backbone_proj(hidden), 0.0)
+        return feats, mask
 
     # ---- inference -------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, pixel_values, input_ids, attention_mask, state, embodiment_id, noise):
