@@ -151,6 +151,8 @@ class FleetReport:
     latency_ms: dict[str, float | None] = field(default_factory=dict)
     mean_batch_size: float | None = None  # mean of info["server"]["batch_size"] over the window's replies
     server_ms: dict[str, float | None] = field(default_factory=dict)  # means of queue_ms, infer_ms, total_ms
+    # latency minus the server's own infer_ms, per reply: what the serving path adds around the forward pass
+    overhead_ms: dict[str, float | None] = field(default_factory=dict)
     per_target: dict[str, dict[str, Any]] = field(default_factory=dict)
     wall_s: float = 0.0
     started_at: float = 0.0  # unix time
@@ -177,7 +179,8 @@ class FleetReport:
             f"window {self.window_s:.1f} s)",
             f"  throughput {self.throughput_rps:.1f} req/s ({self.samples_per_s:.1f} samples/s); latency ms "
             f"p50 {fmt(lat.get('p50'))} p90 {fmt(lat.get('p90'))} p99 {fmt(lat.get('p99'))} max {fmt(lat.get('max'))}; "
-            f"mean batch {fmt(self.mean_batch_size)}",
+            f"mean batch {fmt(self.mean_batch_size)}; serving overhead (latency - infer_ms) p50 "
+            f"{fmt(self.overhead_ms.get('p50'))} ms",
             f"  sent {self.sent} = answered {self.answered} + errors {self.errors} + in flight at stop "
             f"{self.in_flight_at_stop}{'' if self.consistent else '  (INCONSISTENT)'}",
         ]
@@ -275,6 +278,7 @@ class _Stats:
         self.latencies: list[float] = []  # window only
         self.batch_sizes: list[float] = []
         self.server: dict[str, list[float]] = {"queue_ms": [], "infer_ms": [], "total_ms": []}
+        self.overheads: list[float] = []
         self.window_errors = 0
         self.recent: list[float] = []  # every latency, for the live p50
         self.per_target = {t.label: {"robots": 0, "sent": 0, "answered": 0, "errors": 0, "latencies": []} for t in targets}
@@ -379,6 +383,9 @@ class _Robot:
                     v = server.get(key)
                     if isinstance(v, (int, float)):
                         values.append(float(v))
+                infer = server.get("infer_ms")
+                if isinstance(infer, (int, float)):
+                    st.overheads.append(latency_ms - float(infer))
 
     async def run(self, stop_at: float, budget: "_Budget", phase: float) -> None:
         n = self.index
@@ -545,6 +552,7 @@ def _report(stats: _Stats, targets: list[Target], robots: int, batch: int, rate_
         latency_ms=_percentiles(stats.latencies),
         mean_batch_size=round(float(np.mean(stats.batch_sizes)), 3) if stats.batch_sizes else None,
         server_ms={k: (round(float(np.mean(v)), 3) if v else None) for k, v in stats.server.items()},
+        overhead_ms=_percentiles(stats.overheads),
         per_target=per_target,
         wall_s=round(wall, 3),
         started_at=started,
@@ -680,6 +688,10 @@ def merge_reports(reports: Sequence[FleetReport], label: str | None = None) -> F
         mean_batch_size=(round(sum(b * n for b, n in batch_weighted) / max(1, sum(n for _, n in batch_weighted)), 3)
                          if batch_weighted else None),
         server_ms=server_ms,
+        # processes' overhead percentiles, weighted by replies (the raw values stay in the processes)
+        overhead_ms={k: (round(sum((r.overhead_ms.get(k) or 0.0) * r.window_answered for r in reports)
+                               / max(1, answered), 3) if all(r.overhead_ms.get(k) is not None for r in reports) else None)
+                     for k in first.overhead_ms},
         per_target=per_target,
         wall_s=max(r.wall_s for r in reports),
         started_at=min(r.started_at for r in reports),
@@ -810,7 +822,9 @@ class _Progress:
         self.dirty = False
 
     def __call__(self, elapsed, sent, answered, errors, in_flight, p50) -> None:
-        t_prev, n_prev = self._last
+        if not self.tty and elapsed - self._last_line < self.every_s:
+            return
+        t_prev, n_prev = self._last  # req/s since the previous line shown
         rate = (answered - n_prev) / (elapsed - t_prev) if elapsed > t_prev else 0.0
         self._last = (elapsed, answered)
         p50_text = "-" if p50 != p50 else f"{p50:.1f} ms"
@@ -819,7 +833,7 @@ class _Progress:
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.dirty = True
-        elif elapsed - self._last_line >= self.every_s:
+        else:
             self._last_line = elapsed
             self.stream.write(line + "\n")
         self.stream.flush()

@@ -96,6 +96,7 @@ def test_fleet_bounded_by_requests_all_answered(serial_server, tmp_path):
     lat = report.latency_ms
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert report.mean_batch_size == 1.0  # the serial server never batches
+    assert 0 <= report.overhead_ms["p50"] <= lat["p50"]  # latency minus the server's infer_ms
     assert report.per_target[target]["robots"] == 8
     assert report.per_target[target]["answered"] == 40
     path = tmp_path / "fleet.json"
@@ -231,7 +232,7 @@ def test_bench_limit_interpolation_ratios_and_targets(tmp_path):
     assert row16["served_vs_limit"] == pytest.approx(1.2)
     assert small["table"][0]["p50_delta_ms"] == 3.0
     status = {t["id"]: t["status"] for t in check_targets({"presets": {"small": small}}, TARGETS_CPU)}
-    assert status == {"small-16-vs-serial": "PASS", "small-16-vs-limit": "PASS", "small-1-p50": "PASS",
+    assert status == {"small-16-vs-serial": "PASS", "small-16-vs-limit": "PASS", "small-1-p50": "PASS", "small-1-overhead": "n/a",
                       "tiny-64-vs-serial": "n/a"}
 
     raw = tmp_path / "profile.txt"

@@ -1,0 +1,803 @@
+"""`make bench` / `python -m bench.run`: fleetserve against the upstream-shaped serial server and the limit.
+
+In ONE run, on the same model, machine and torch thread count, for each preset and robot count:
+  served    the Ray Serve application exactly as `make serve` starts it (`serve run` of serve_config.yaml, with
+            the preset's checkpoint, device, torch_threads and free ports substituted), driven by clients.fleet;
+  serial    the REFERENCE: bench/serial_server.py, one REP socket, one request at a time, the same policy
+            in-process (what upstream GR00T's PolicyServer does), in its own process, driven the same way;
+  limit     policy.get_actions on B observations in-process, no network (bench/limit.py): samples/s at
+            B = 1, 4, 16, 64; the ceiling of any server on this machine.
+Then prints tables, ratios (served / serial; served / limit at the mean batch size served reached) and
+PASS/MISS against the targets, and writes bench/results/bench-<timestamp>.json (+ latest.json) and plots.
+
+    python -m bench.run                 # full CPU run (tiny and small, 1/4/16/64 robots), ~10-15 min on 2 cores
+    python -m bench.run --quick         # smoke run, ~3-4 min (only the points the targets name)
+    python -m bench.run --gpu           # n16-3b on CUDA, 1/8/32 robots
+    python -m bench.run --profile small:16   # + py-spy on the replica and the ingress during that served point
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache"
+RESULTS = ROOT / "bench" / "results"
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+APP_PREFIX = "bench"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass
+class Plan:
+    presets: list[str]
+    robots: list[int]
+    duration_s: float  # measured window per point (at least; see point_times)
+    warmup_s: float
+    limit_batch_sizes: list[int]
+    limit_min_time_s: float
+    device: str
+    torch_threads: int | None
+    embodiment: str
+    timeout_ms: int
+    max_window_s: float
+    max_warmup_s: float
+    gpu: bool = False
+    quick: bool = False
+    robots_by_preset: dict[str, list[int]] = field(default_factory=dict)  # overrides `robots` per preset
+    profile: set[tuple[str, int]] = field(default_factory=set)  # (preset, robots) points to py-spy
+    keep_deadline: bool = False
+    replicas: int | None = None  # num_replicas of the driven embodiment (default: as in serve_config.yaml)
+    only: set[str] = field(default_factory=lambda: {"limit", "serial", "served"})
+
+
+TARGETS_CPU = [
+    # (id, preset, robots, kind, threshold, text)
+    ("small-16-vs-serial", "small", 16, "ratio_serial", 1.6, "CPU small, 16 robots: served throughput >= 1.6x serial"),
+    ("small-16-vs-limit", "small", 16, "ratio_limit", 0.9,
+     "CPU small, 16 robots: served throughput >= 90% of the in-process limit at the mean batch size reached"),
+    ("small-1-p50", "small", 1, "p50_delta", 5.0, "CPU small, 1 robot: served p50 within 5 ms of serial"),
+    ("small-1-overhead", "small", 1, "overhead_delta", 5.0,
+     "  (same, robust form: served p50 of latency - infer_ms within 5 ms of serial's)"),
+    ("tiny-64-vs-serial", "tiny", 64, "ratio_serial", 4.0, "CPU tiny, 64 robots: served throughput >= 4x serial"),
+]
+QUICK_ROBOTS = {"tiny": [1, 64], "small": [1, 16]}
+TARGETS_GPU = [
+    ("n16-32-vs-serial", "n16-3b", 32, "ratio_serial", 8.0, "GPU n16-3b, 32 robots: served throughput >= 8x serial"),
+    ("n16-32-p99", "n16-3b", 32, "p99_vs_p50_1", 3.0, "GPU n16-3b, 32 robots: served p99 <= 3x single-robot p50"),
+]
+
+
+def point_times(plan: Plan, robots: int, limit_rows: list[dict] | None) -> tuple[float, float]:
+    """(warmup, window) for a point: at least the plan's, and long enough for the slowest server (serial) to
+    answer every robot about once in warmup and twice in the window; capped."""
+    warmup, window = plan.warmup_s, plan.duration_s
+    if limit_rows:
+        from bench.limit import interpolate
+
+        per_sample_s = 1.0 / max(1e-9, interpolate(limit_rows, 1) or 1e9)
+        round_s = robots * per_sample_s  # one answer per robot, one at a time
+        warmup = max(warmup, min(plan.max_warmup_s, 1.0 * round_s))
+        window = max(window, min(plan.max_window_s, 2.0 * round_s))
+    return round(warmup, 1), round(window, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import numpy
+    import torch
+    import zmq
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pyzmq": zmq.__version__,
+        "device": device,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def ensure_checkpoint(preset: str) -> Path:
+    """Demo checkpoint of `preset` holding both default embodiments, built once into bench/.cache."""
+    from policy import ensure_demo_checkpoint
+
+    path = CACHE / preset
+    if not (path / "config.json").exists():
+        log(f"building the {preset!r} demo checkpoint at {path} (once; reused by later runs)")
+    return ensure_demo_checkpoint(path, preset, embodiments=("gr1", "unitree_g1"))
+
+
+def bench_serve_config(checkpoint: Path, plan: "Plan") -> dict[str, Any]:
+    """serve_config.yaml as `make serve` runs it, with only these substitutions: the bench checkpoint (both
+    embodiments) instead of demo_preset, the device, torch_threads, free ports (ZMQ and HTTP), the app name,
+    and (unless --keep-deadline) the ingress deadline lifted to the fleet's timeout; --replicas sets the driven
+    embodiment's num_replicas; --gpu gives each policy deployment a share of the GPU."""
+    import yaml
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config.setdefault("http_options", {})["port"] = free_port()
+    config["http_options"]["host"] = "127.0.0.1"
+    app = config["applications"][0]
+    app["name"] = f"{APP_PREFIX}-{checkpoint.name}"
+    app["route_prefix"] = f"/{app['name']}"
+    args = app.setdefault("args", {})
+    ingress = args.setdefault("ingress", {})
+    ingress["host"] = "127.0.0.1"
+    ingress["ports"] = [{"port": free_port(), "embodiment": p["embodiment"]} for p in ingress.get("ports", [])]
+    if not plan.keep_deadline:
+        # The ingress answers "deadline exceeded" past request_timeout_ms (12 s by default): load shedding, which
+        # the serial reference does not do. Lifted to the fleet's own timeout so both answer every request.
+        ingress["request_timeout_ms"] = plan.timeout_ms
+    embodiments = args.get("embodiments", {})
+    for emb in embodiments.values():
+        emb.pop("demo_preset", None)
+        emb["checkpoint"] = str(checkpoint)
+        emb["device"] = plan.device
+        if plan.torch_threads:
+            emb["torch_threads"] = plan.torch_threads
+    for dep in app.get("deployments", []):
+        if dep.get("name") in embodiments:
+            if plan.gpu:
+                dep["ray_actor_options"] = {"num_cpus": 1, "num_gpus": round(1.0 / len(embodiments), 3)}
+            if dep["name"] == plan.embodiment and plan.replicas:
+                dep.pop("autoscaling_config", None)
+                dep["num_replicas"] = plan.replicas
+    return config
+
+
+def replica_pids(app_name: str) -> dict[str, int]:
+    """PIDs of the Serve replicas of `app_name` (their process titles read `ray::ServeReplica:<app>:<deployment>`)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        marker = f"ServeReplica:{app_name}:"
+        if marker in cmd:
+            deployment = cmd.split(marker, 1)[1].split()[0].split(".")[0]
+            found[deployment] = int(entry.name)
+    return found
+
+
+class CpuShare:
+    """CPU seconds used by this benchmark's process tree (by role) vs everything else on the machine, over a point.
+
+    This box is shared: `foreign_cores` says how many cores other processes took on average meanwhile
+    (0 = a clean measurement; 1 = half of a 2-core machine was busy with something else). `by_role` splits
+    ours: the fleet client (this process), the serial server, each Serve replica, Ray's own processes.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._names: dict[int, str] = {}
+        self._start = self._snapshot()
+
+    def _role(self, pid: int) -> str:
+        if pid not in self._names:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = ""
+            if pid == os.getpid():
+                role = "fleet client (bench process)"
+            elif "ServeReplica:" in cmd:
+                role = "replica " + cmd.split("ServeReplica:", 1)[1].split()[0].split(".")[0].split(":")[-1]
+            elif "bench.serial_server" in cmd:
+                role = "serial server"
+            elif "py-spy" in cmd:
+                role = "py-spy (profiler)"
+            elif "bench.limit" in cmd:
+                role = "limit"
+            else:
+                role = "Ray system (raylet, gcs, controller, workers)"
+            self._names[pid] = role
+        return self._names[pid]
+
+    def _snapshot(self) -> tuple[float, float, dict[str, float]]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is already inside user and nice)
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, cpu ticks)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # utime + stime + cutime + cstime: a reaped child's time lives on in its parent's c-times
+            stats[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+        ours, frontier = set(), {os.getpid()}
+        while frontier:
+            ours |= frontier
+            frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier and pid not in ours}
+        roles: dict[str, float] = {}
+        for pid in ours:
+            if pid in stats:
+                role = self._role(pid)
+                roles[role] = roles.get(role, 0.0) + stats[pid][1] / self._tick
+        return time.monotonic(), busy / self._tick, roles
+
+    def result(self) -> dict[str, Any]:
+        t1, busy1, roles1 = self._snapshot()
+        t0, busy0, roles0 = self._start
+        wall = max(1e-9, t1 - t0)
+        by_role = {r: max(0.0, roles1.get(r, 0.0) - roles0.get(r, 0.0)) / wall for r in roles1}
+        mine = sum(by_role.values())
+        return {"ours_cores": round(mine, 2), "foreign_cores": round(max(0.0, (busy1 - busy0) / wall - mine), 2),
+                "by_role": {r: round(v, 2) for r, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v >= 0.005}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# profiling (py-spy)
+
+
+def _py_spy() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    exe = _py_spy()
+    if exe is None:
+        log("  (py-spy not found: no profile)")
+        return None
+    cmd = [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "50", "-f", "raw", "-o", str(out),
+           "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# Where a sample's time goes: the category of the innermost frame of its stack that matches one.
+PROFILE_CATEGORIES = [
+    ("model forward (torch)", ("policy/modeling.py", "FleetGr00tModel")),
+    ("tokenizer", ("Processor.tokenize", "transformers/tokenization")),
+    ("policy preprocessing (images, states)", ("policy/processor.py",)),
+    ("policy validation and decoding", ("policy/",)),
+    ("wire codec (clients/codec.py, msgpack)", ("clients/codec.py", "msgpack")),
+    ("fleetserve ingress / batcher / replica code", ("serving/", "bench/serial_server.py")),
+    ("ZMQ sockets", ("zmq/",)),
+    ("Ray object serialization (pickle)", ("ray/_private/serialization", "cloudpickle", "pickle")),
+    ("Ray Serve / Ray core (Python side)", ("ray/",)),
+    ("asyncio event loop", ("asyncio/",)),
+]
+# Stacks whose innermost frame is one of these are threads parked in C (Ray's core threads, event loops in
+# select(), idle executor workers): py-spy does not always recognise them as idle.
+PARKED = ("Thread.run", "Worker.main_loop", "_run_user_code_event_loop", "_run_router_event_loop", "<module>")
+PARKED_FRAMES = ("_worker (concurrent/futures/thread.py:81)",)
+
+
+def _parked(frames: list[str]) -> bool:
+    if not frames:
+        return True
+    name = frames[-1].split(" (")[0]
+    return name.split(".")[-1] in {p.split(".")[-1] for p in PARKED} or frames[-1].startswith(PARKED_FRAMES)
+
+
+def _category(frames: list[str]) -> str:
+    """The category of the innermost frame that has one (torch's own frames are attributed to their caller)."""
+    for frame in reversed(frames):
+        for name, needles in PROFILE_CATEGORIES:
+            if any(needle in frame for needle in needles):
+                return name
+    return "other"
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Share of samples per category, self time by leaf frame, inclusive time, from py-spy's collapsed stacks."""
+    if not path.exists():
+        return {"error": "no profile written"}
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f for f in stack.split(";") if f.strip()]
+        if _parked(frames):
+            categories["threads parked in C (not CPU work)"] += n
+            continue
+        leaf[_short(frames[-1])] += n
+        for f in set(_short(f) for f in frames):
+            inclusive[f] += n
+        categories[_category(frames)] += n
+    busy = max(1, total - categories["threads parked in C (not CPU work)"])
+
+    def pct(c: Counter, of: int) -> list[tuple[str, float]]:
+        return [(k, round(100.0 * v / of, 1)) for k, v in c.most_common(top)]
+
+    return {"samples": total, "busy_samples": busy, "categories_pct_of_all": pct(categories, max(1, total)),
+            "self_pct_of_busy": pct(leaf, busy), "inclusive_pct_of_busy": pct(inclusive, busy)}
+
+
+def _short(frame: str) -> str:
+    # py-spy raw frames: "function (path/to/file.py:line)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit("/", 1)[-1].split(":")[0] if where else ""
+    return f"{name} ({file})" if file else name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the three measurements
+
+
+def measure_limit(plan: Plan, checkpoint: Path) -> dict[str, Any]:
+    from bench.limit import run_subprocess
+
+    log(f"  limit: policy.get_actions in-process, B = {', '.join(map(str, plan.limit_batch_sizes))}")
+    share = CpuShare()
+    result = run_subprocess(str(checkpoint), plan.embodiment, plan.limit_batch_sizes, torch_threads=plan.torch_threads,
+                            device=plan.device, min_time_s=plan.limit_min_time_s)
+    result["cpu"] = share.result()
+    for r in result["rows"]:
+        log(f"    B={r['batch_size']:3d}: {r['samples_per_s']:9.2f} samples/s ({r['ms_per_call']:.1f} ms per call)")
+    log(f"    (cores used: ours {result['cpu']['ours_cores']:.2f}, others {result['cpu']['foreign_cores']:.2f})")
+    return result
+
+
+def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[dict] | None,
+          profile_pids: dict[str, int] | None = None, results_dir: Path | None = None, stamp: str = "") -> list[dict]:
+    from clients.fleet import _Progress, run_fleet_sync
+
+    out = []
+    for n in plan.robots_by_preset.get(preset, plan.robots):
+        warmup, window = point_times(plan, n, limit_rows)
+        progress = _Progress(prefix=f"    [{label} {n} robots] ")
+        profiles: dict[str, tuple[subprocess.Popen, Path]] = {}
+        if profile_pids and (preset, n) in plan.profile and results_dir is not None:
+            for name, pid in profile_pids.items():
+                path = results_dir / f"profile-{stamp}-{preset}-{label}-{n}-{name}.txt"
+                proc = start_profile(pid, warmup + window, path)
+                if proc is not None:
+                    profiles[name] = (proc, path)
+        load_before = os.getloadavg()[0]
+        share = CpuShare()
+        try:
+            report = run_fleet_sync(targets, n, warmup + window, warmup_s=warmup, timeout_ms=plan.timeout_ms,
+                                    progress=progress, label=f"{label} {n} robots", seed=n)
+        finally:
+            progress.done()
+        cpu = share.result()
+        load_after = os.getloadavg()[0]
+        doc = report.to_json(with_latencies=True)
+        doc["loadavg_1m"] = [round(load_before, 2), round(load_after, 2)]
+        doc["cpu"] = cpu
+        lat = report.latency_ms
+        log(f"    {label:>6} {n:3d} robots: {report.samples_per_s:8.2f} samples/s  p50 {_f(lat['p50'])} "
+            f"p99 {_f(lat['p99'])} ms  batch {_f(report.mean_batch_size, 2)}  errors {report.errors}"
+            f"  (window {report.window_s:.0f}s; cores used: ours {cpu['ours_cores']:.2f}, others {cpu['foreign_cores']:.2f})")
+        log("      cores by role: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["by_role"].items()))
+        if report.errors:
+            log(f"      errors: {report.errors_by_kind}")
+        for name, (proc, path) in profiles.items():
+            try:
+                proc.wait(timeout=warmup + window + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            summary = summarize_profile(path)
+            doc.setdefault("profile", {})[name] = {"file": str(path.relative_to(ROOT)), **summary}
+            log(f"      profile {name}: {summary.get('samples', 0)} samples at 50 Hz; where they went:")
+            for what, p in summary.get("categories_pct_of_all", [])[:10]:
+                log(f"        {p:5.1f}%  {what}")
+        out.append(doc)
+    return out
+
+
+def measure_serial(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, stamp: str) -> list[dict]:
+    from bench.serial_server import SerialServerProcess
+
+    log(f"  serial (reference): bench/serial_server.py, one REP socket, torch threads {plan.torch_threads or 'default'}")
+    log_path = results_dir / f"serial-{stamp}.log"
+    with SerialServerProcess(str(checkpoint), plan.embodiment, device=plan.device, torch_threads=plan.torch_threads,
+                             log_path=str(log_path)) as server:
+        target = f"127.0.0.1:{server.port}"
+        pids = {"serial": server.pid}
+        return sweep(plan, "serial", _preset_of(checkpoint), [target], limit_rows, pids, results_dir, stamp)
+
+
+def _preset_of(checkpoint: Path) -> str:
+    return checkpoint.name
+
+
+class ServeRun:
+    """`serve run <config>` in a subprocess, exactly as `make serve` starts the fleet (its own local Ray)."""
+
+    def __init__(self, config: dict[str, Any], config_path: Path, log_path: Path):
+        import yaml
+
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = dict(os.environ)
+        env.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # as `make serve`
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        serve_cli = Path(sys.executable).parent / "serve"
+        cmd = [str(serve_cli) if serve_cli.exists() else "serve", "run", str(config_path)]
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log_path = log_path
+
+    def wait_ready(self, target: str, timeout_s: float = 600.0) -> None:
+        from clients.fleet import fetch_info
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`serve run` exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                fetch_info(target, timeout_ms=2000)
+                return
+            except (TimeoutError, RuntimeError):
+                time.sleep(1.0)
+        raise RuntimeError(f"the served app did not answer 'info' within {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # serve run: shut Serve down, then its Ray instance
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        self._log.close()
+
+
+def measure_served(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, stamp: str) -> tuple[list[dict], dict]:
+    preset = checkpoint.name
+    config = bench_serve_config(checkpoint, plan)
+    app = config["applications"][0]
+    ports = {p["embodiment"]: p["port"] for p in app["args"]["ingress"]["ports"]}
+    if plan.embodiment not in ports:
+        raise SystemExit(f"--embodiment {plan.embodiment!r} is not served by {SERVE_CONFIG.name}: {sorted(ports)}")
+    dep = next((d for d in app.get("deployments", []) if d.get("name") == plan.embodiment), {})
+    log(f"  served: `serve run` of {SERVE_CONFIG.name} (checkpoint, device, torch_threads {plan.torch_threads or 'default'}, "
+        f"ports substituted); {plan.embodiment}: num_replicas {dep.get('num_replicas', 1)}, "
+        f"{dep.get('ray_actor_options')}, user_config {dep.get('user_config')}, "
+        f"ingress request_timeout_ms {app['args']['ingress'].get('request_timeout_ms', 'default')}")
+    runner = ServeRun(config, results_dir / f"serve-config-{stamp}-{preset}.yaml", results_dir / f"serve-{stamp}-{preset}.log")
+    try:
+        t0 = time.perf_counter()
+        target = f"127.0.0.1:{ports[plan.embodiment]}"
+        runner.wait_ready(target)
+        log(f"    app up in {time.perf_counter() - t0:.1f} s")
+        pids = replica_pids(app["name"])
+        profile_pids = {k: v for k, v in pids.items() if k in (plan.embodiment, "ZmqIngress")}
+        reports = sweep(plan, "served", preset, [target], limit_rows, profile_pids, results_dir, stamp)
+        return reports, {"app": app["name"], "config": config, "pids": pids}
+    finally:
+        runner.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analysis
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def analyse(preset_result: dict[str, Any]) -> list[dict[str, Any]]:
+    from bench.limit import interpolate
+
+    rows = []
+    serial = {r["robots"]: r for r in preset_result.get("serial", [])}
+    served = {r["robots"]: r for r in preset_result.get("served", [])}
+    limit_rows = (preset_result.get("limit") or {}).get("rows")
+    for n in sorted(set(serial) | set(served)):
+        s, v = serial.get(n), served.get(n)
+        row: dict[str, Any] = {"robots": n}
+        if s:
+            row.update(serial_sps=s["samples_per_s"], serial_p50=s["latency_ms"]["p50"], serial_p99=s["latency_ms"]["p99"],
+                       serial_errors=s["errors"], serial_foreign_cores=(s.get("cpu") or {}).get("foreign_cores"))
+        if v:
+            row.update(served_sps=v["samples_per_s"], served_p50=v["latency_ms"]["p50"], served_p99=v["latency_ms"]["p99"],
+                       served_batch=v["mean_batch_size"], served_errors=v["errors"],
+                       served_foreign_cores=(v.get("cpu") or {}).get("foreign_cores"))
+        if s and v and s["samples_per_s"]:
+            row["served_vs_serial"] = round(v["samples_per_s"] / s["samples_per_s"], 3)
+        if s and v and s["latency_ms"]["p50"] is not None and v["latency_ms"]["p50"] is not None:
+            row["p50_delta_ms"] = round(v["latency_ms"]["p50"] - s["latency_ms"]["p50"], 2)
+        # latency - the server's own infer_ms: what each server adds around the forward pass (robust to the
+        # forward pass running a few % faster or slower in one process than in another)
+        for name, d in (("serial", s), ("served", v)):
+            if d and (d.get("overhead_ms") or {}).get("p50") is not None:
+                row[f"{name}_overhead_p50"] = d["overhead_ms"]["p50"]
+        if n == 1 and row.get("serial_overhead_p50") is not None and row.get("served_overhead_p50") is not None:
+            # (one robot only: with more, a REP server's queueing happens in ZMQ and counts as its "overhead")
+            row["overhead_delta_ms"] = round(row["served_overhead_p50"] - row["serial_overhead_p50"], 2)
+        if v and limit_rows and v.get("mean_batch_size"):
+            lim = interpolate(limit_rows, v["mean_batch_size"])
+            row["limit_at_batch"] = round(lim, 3)
+            row["served_vs_limit"] = round(v["samples_per_s"] / lim, 3) if lim else None
+        rows.append(row)
+    return rows
+
+
+def check_targets(results: dict[str, Any], targets: list[tuple]) -> list[dict[str, Any]]:
+    out = []
+    for tid, preset, n, kind, threshold, text in targets:
+        rows = {r["robots"]: r for r in results.get("presets", {}).get(preset, {}).get("table", [])}
+        row = rows.get(n)
+        value, ok = None, None
+        if row is not None:
+            if kind == "ratio_serial":
+                value = row.get("served_vs_serial")
+                ok = None if value is None else value >= threshold
+            elif kind == "ratio_limit":
+                value = row.get("served_vs_limit")
+                ok = None if value is None else value >= threshold
+            elif kind == "p50_delta":
+                value = row.get("p50_delta_ms")
+                ok = None if value is None else value <= threshold
+            elif kind == "overhead_delta":
+                value = row.get("overhead_delta_ms")
+                ok = None if value is None else value <= threshold
+            elif kind == "p99_vs_p50_1":
+                one = rows.get(1)
+                if one and one.get("served_p50") and row.get("served_p99") is not None:
+                    value = round(row["served_p99"] / one["served_p50"], 3)
+                    ok = value <= threshold
+        out.append({"id": tid, "target": text, "threshold": threshold, "value": value,
+                    "status": "n/a" if ok is None else ("PASS" if ok else "MISS")})
+    return out
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    for preset, pr in results["presets"].items():
+        lim = pr.get("limit")
+        log("")
+        log(f"== {preset} ({results['plan']['device']}, torch threads {pr.get('torch_threads')}, "
+            f"embodiment {results['plan']['embodiment']}) ==")
+        if lim:
+            log("limit (in-process get_actions, no network): " + ", ".join(
+                f"B={r['batch_size']} {r['samples_per_s']:.2f}/s" for r in lim["rows"]))
+        log(f"{'robots':>6} | {'serial(ref) s/s':>15} {'p50':>8} {'p99':>8} | {'served s/s':>10} {'p50':>8} {'p99':>8} "
+            f"{'batch':>6} | {'srv/ser':>7} {'limit@b':>8} {'srv/lim':>7} {'dp50 ms':>8} {'d-ovh ms':>8} | {'others ser/srv':>14}")
+        for r in pr.get("table", []):
+            log(f"{r['robots']:>6} | {_f(r.get('serial_sps'), 2):>15} {_f(r.get('serial_p50')):>8} {_f(r.get('serial_p99')):>8} | "
+                f"{_f(r.get('served_sps'), 2):>10} {_f(r.get('served_p50')):>8} {_f(r.get('served_p99')):>8} "
+                f"{_f(r.get('served_batch'), 2):>6} | {_f(r.get('served_vs_serial'), 2):>7} {_f(r.get('limit_at_batch'), 2):>8} "
+                f"{_f(r.get('served_vs_limit'), 2):>7} {_f(r.get('p50_delta_ms'), 1):>8} {_f(r.get('overhead_delta_ms'), 1):>8} | "
+                f"{_f(r.get('serial_foreign_cores'), 2):>6} /{_f(r.get('served_foreign_cores'), 2):>6}")
+        log("  (dp50: served p50 - serial p50; d-ovh: the same for latency - the server's infer_ms, i.e. what each "
+            "server adds around the forward pass; others ser/srv: cores other processes on this machine used "
+            "during the point, 0 = a clean measurement)")
+    log("")
+    log("targets:")
+    for t in results["targets"]:
+        log(f"  {t['status']:4}  {t['target']}: {'-' if t['value'] is None else t['value']} (threshold {t['threshold']})")
+
+
+def make_plots(results: dict[str, Any], stamp: str) -> list[str]:
+    from clients.fleet import FleetReport, plot_report, plot_sweep
+
+    def as_report(doc: dict) -> FleetReport:
+        fields = {k: v for k, v in doc.items() if k in FleetReport.__dataclass_fields__}
+        return FleetReport(**fields)
+
+    written = []
+    for preset, pr in results["presets"].items():
+        series = {}
+        if pr.get("serial"):
+            series["serial (reference)"] = [as_report(d) for d in pr["serial"]]
+        if pr.get("served"):
+            series["served (fleetserve)"] = [as_report(d) for d in pr["served"]]
+        if not series:
+            continue
+        limits = {f"limit B={r['batch_size']}": r["samples_per_s"] for r in (pr.get("limit") or {}).get("rows", [])}
+        path = RESULTS / f"bench-{stamp}-{preset}-sweep.png"
+        plot_sweep(series, str(path), title=f"{preset}: throughput and latency vs robots ({results['plan']['device']})",
+                   limits=limits)
+        written.append(path)
+        reports = [r for rs in series.values() for r in rs]
+        path = RESULTS / f"bench-{stamp}-{preset}-latency.png"
+        plot_report(reports, str(path), title=f"{preset}: latency distribution per point")
+        written.append(path)
+    for path in written:  # stable names too
+        shutil.copyfile(path, path.with_name(path.name.replace(f"bench-{stamp}", "latest")))
+    return [str(p.relative_to(ROOT)) for p in written]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_plan(argv: Sequence[str] | None) -> Plan:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=None, help="comma-separated presets (default tiny,small; --gpu: n16-3b)")
+    p.add_argument("--robots", default=None, help="comma-separated robot counts (default 1,4,16,64; --gpu: 1,8,32)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="measured seconds per point, at least (default 15; --quick 4); stretched for slow points, see --max-window")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before each point's window (default 3; --quick 1)")
+    p.add_argument("--max-window", type=float, default=None, help="cap of a stretched window (default 45 s; --quick 8)")
+    p.add_argument("--limit-batch-sizes", default=None, help="default 1,4,16,64 (--quick: 1,16)")
+    p.add_argument("--limit-time", type=float, default=None, help="seconds per limit batch size (default 3; --quick 1)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads of the replica, the serial server and the limit alike (default 1 on CPU)")
+    p.add_argument("--embodiment", default="gr1", help="the embodiment the robots drive (default gr1)")
+    p.add_argument("--timeout-ms", type=int, default=180_000)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run, ~3 min: only the target points (tiny 1,64; small 1,16 robots), limit at B=1,16, short windows")
+    p.add_argument("--gpu", action="store_true", help="n16-3b on CUDA (robots 1,8,32)")
+    p.add_argument("--profile", default=None, metavar="PRESET:ROBOTS[,...]",
+                   help="py-spy record the replica and the ingress (and the serial server) during these points")
+    p.add_argument("--keep-deadline", action="store_true",
+                   help="keep serve_config.yaml's ingress request_timeout_ms (load shedding); by default the bench lifts "
+                   "it to --timeout-ms so both servers answer every request and throughput compares capacity")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="num_replicas of the driven embodiment's deployment (default: serve_config.yaml's)")
+    p.add_argument("--only", default="limit,serial,served", help="subset of limit,serial,served")
+    a = p.parse_args(argv)
+    quick = a.quick
+    if a.gpu:
+        presets = a.presets or "n16-3b"
+        robots = a.robots or "1,8,32"
+        device = "cuda"
+    else:
+        presets = a.presets or "tiny,small"
+        robots = a.robots or "1,4,16,64"
+        device = "cpu"
+    profile = set()
+    for item in (a.profile or "").split(","):
+        if item.strip():
+            name, _, n = item.strip().partition(":")
+            profile.add((name, int(n)))
+    threads = a.torch_threads if a.torch_threads is not None else (None if a.gpu else 1)
+    return Plan(
+        presets=[x for x in presets.split(",") if x],
+        robots=_int_list(robots),
+        duration_s=a.duration if a.duration is not None else (4.0 if quick else 15.0),
+        warmup_s=a.warmup if a.warmup is not None else (1.0 if quick else 3.0),
+        limit_batch_sizes=_int_list(a.limit_batch_sizes or ("1,16" if quick else "1,4,16,64")),
+        limit_min_time_s=a.limit_time if a.limit_time is not None else (1.0 if quick else 3.0),
+        device=device,
+        torch_threads=threads,
+        embodiment=a.embodiment,
+        timeout_ms=a.timeout_ms,
+        max_window_s=a.max_window if a.max_window is not None else (8.0 if quick else 45.0),
+        max_warmup_s=8.0 if quick else 25.0,
+        gpu=a.gpu,
+        quick=quick,
+        profile=profile,
+        keep_deadline=a.keep_deadline,
+        replicas=a.replicas,
+        only=set(a.only.split(",")),
+        # --quick measures just the points the CPU targets name
+        robots_by_preset=dict(QUICK_ROBOTS) if quick and not a.robots and not a.gpu else {},
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan = build_plan(argv)
+    if plan.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench --gpu needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+                  f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
+                  "Run the CPU benchmark instead: python -m bench.run", file=sys.stderr)
+            return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    t_start = time.perf_counter()
+    command = "python -m bench.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    results: dict[str, Any] = {
+        "command": command.strip(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(plan.device),
+        "plan": {k: (sorted(v) if isinstance(v, set) else v) for k, v in plan.__dict__.items()},
+        "presets": {},
+    }
+    log(f"bench: presets {plan.presets}, robots {plan.robots_by_preset or plan.robots}, device {plan.device}, torch threads "
+        f"{plan.torch_threads or 'default'}, >= {plan.duration_s:g} s per point (+{plan.warmup_s:g} s warmup)")
+    log(f"machine: {results['machine']['cpu']} x{results['machine']['cpu_count']}, load {results['machine']['loadavg_at_start']}")
+    if plan.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = str(plan.torch_threads)
+    for preset in plan.presets:
+        log(f"\n== {preset} ==")
+        checkpoint = ensure_checkpoint(preset)
+        pr: dict[str, Any] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "torch_threads": plan.torch_threads}
+        results["presets"][preset] = pr
+        if "limit" in plan.only:
+            pr["limit"] = measure_limit(plan, checkpoint)
+            pr["torch_threads"] = pr["limit"]["torch_threads"]
+        limit_rows = (pr.get("limit") or {}).get("rows")
+        if "serial" in plan.only:
+            pr["serial"] = measure_serial(plan, checkpoint, limit_rows, RESULTS, stamp)
+        if "served" in plan.only:
+            pr["served"], pr["app"] = measure_served(plan, checkpoint, limit_rows, RESULTS, stamp)
+        pr["table"] = analyse(pr)
+    results["targets"] = check_targets(results, TARGETS_GPU if plan.gpu else TARGETS_CPU)
+    results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print_tables(results)
+    try:
+        results["plots"] = make_plots(results, stamp)
+    except Exception as exc:  # noqa: BLE001 - the figures matter more than the pictures
+        log(f"plots failed: {exc}")
+    path = RESULTS / f"bench-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    shutil.copyfile(path, RESULTS / "latest.json")
+    log(f"\nwrote {path.relative_to(ROOT)} (and bench/results/latest.json); plots: {', '.join(results.get('plots', []))}")
+    log(f"elapsed {results['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
