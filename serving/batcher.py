@@ -2,7 +2,8 @@
 
 A Ray call per request costs more than a small model's forward pass on a small machine (DESIGN.md: 269 vs
 1948 req/s for 32 robots), so requests queue here per embodiment and leave in batches: as many samples as
-are waiting, up to `max_batch_size`, after at most `batch_wait_ms`. At most `max_inflight` batches travel at
+are waiting, up to `max_batch_size`, after at most `batch_wait_ms` (no wait at all when nothing of this
+embodiment is in flight: an idle replica should start at once). At most `max_inflight` batches travel at
 once; while they do, new requests pile up and form the next, larger batch. That is the dynamic batching.
 """
 
@@ -130,7 +131,10 @@ class EmbodimentBatcher:
             await self._slots.acquire()  # wait for a slot first: meanwhile the queue grows into a batch
             first = await self._next(None)
             batch, samples = [first], first.request.samples
-            close_at = loop.time() + self.batch_wait_ms / 1000.0
+            # With none of our batches in flight the replicas are idle: waiting would only add latency, so take
+            # what is queued and go. While one travels, waiting a little gathers the robots that follow.
+            wait_s = self.batch_wait_ms / 1000.0 if self._inflight else 0.0
+            close_at = loop.time() + wait_s
             while samples < self.max_batch_size:
                 item = await self._next(close_at - loop.time())
                 if item is None:
