@@ -34,10 +34,9 @@ import numpy as np
 import zmq
 
 from .client import PolicyClient, PolicyServerError
-from .codec import CodecError, packb, unpackb
-from .fleet import Target, parse_target
+from .codec import CodecError, unpackb
+from .fleet import Target, build_payloads, parse_target
 from .hostile import HostileGenerator
-from .observations import random_observation
 
 __all__ = ["SoakReport", "run_soak", "error_kind", "policy_replicas", "kill_one_replica", "main"]
 
@@ -245,18 +244,7 @@ def _plan(target: Target, *, timeout_ms: int, api_token: str | None, seed: int, 
     tag = target.embodiment_tag or info["default_embodiment"]
     tag = next((t for t in info["embodiments"] if t.lower() == tag.lower()), tag)
     emb = info["embodiments"][tag]
-    rng = np.random.default_rng(seed)
-    good = []
-    for _ in range(PAYLOAD_POOL):
-        request: dict[str, Any] = {
-            "endpoint": "get_action",
-            "data": {"observation": random_observation(emb, batch, image_size=image_size, rng=rng), "options": None},
-        }
-        if api_token is not None:
-            request["api_token"] = api_token
-        if target.embodiment_tag is not None:
-            request["embodiment_tag"] = target.embodiment_tag
-        good.append(packb(request))
+    good = build_payloads(target, emb, batch, image_size, PAYLOAD_POOL, seed, api_token)
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
     cap = max_batch or limits.get("max_batch_per_request") or 64
     return _TargetPlan(target, emb, sorted(info["embodiments"]), good, frozenset(emb["action_dims"]), int(cap))
