@@ -115,16 +115,10 @@ class PolicyConfig(_Strict):
 
 
 class AdmissionConfig(_Strict):
-    """How the ingress admits one embodiment's requests; unset fields take the ingress-wide value."""
+    """How the ingress admits one embodiment's requests (the per-embodiment overrides already applied)."""
 
-    request_timeout_ms: float | None = Field(default=None, gt=0)
-    max_queued_requests: int | None = Field(default=None, ge=1)
-
-    def resolved(self, ingress: IngressConfig) -> "AdmissionConfig":
-        return AdmissionConfig(
-            request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
-            max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
-        )
+    request_timeout_ms: float = Field(gt=0)
+    max_queued_requests: int = Field(ge=1)
 
 
 class EmbodimentConfig(PolicyConfig):
@@ -139,8 +133,9 @@ class EmbodimentConfig(PolicyConfig):
 
     def admission(self, ingress: IngressConfig) -> AdmissionConfig:
         return AdmissionConfig(
-            request_timeout_ms=self.request_timeout_ms, max_queued_requests=self.max_queued_requests
-        ).resolved(ingress)
+            request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
+            max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
+        )
 
 
 def _default_embodiments() -> dict[str, EmbodimentConfig]:

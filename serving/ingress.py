@@ -33,6 +33,7 @@ from serving.protocol import (
     format_action_reply,
     parse_action_request,
     parse_envelope,
+    parse_options,
 )
 from serving.router import EmbodimentRouter
 
@@ -230,10 +231,7 @@ class ZmqIngress:
         if env.endpoint == "get_modality_config":
             return await self._modality[tag].get()
         if env.endpoint == "reset":
-            options = env.data.get("options")
-            if options is not None and not isinstance(options, dict):
-                raise RequestError(f"options: expected a map or null, got {type(options).__name__}")
-            return await self.router.handle(tag).reset.remote(options)
+            return await self.router.handle(tag).reset.remote(parse_options(env.data.get("options")))
         if env.endpoint == "info":
             return await self._info(port)
         if env.endpoint == "kill":

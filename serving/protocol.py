@@ -69,7 +69,7 @@ def parse_envelope(msg: Any) -> Envelope:
     return Envelope(endpoint, data, _optional_str(msg, "api_token"), _optional_str(msg, "embodiment_tag"))
 
 
-def _options(value: Any) -> dict[str, Any] | None:
+def parse_options(value: Any) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
     raise RequestError(f"options: expected a map or null, got {type(value).__name__}")
@@ -130,7 +130,7 @@ def parse_action_request(data: dict[str, Any]) -> ActionRequest:
         obs = data["observation"]
         if not isinstance(obs, dict):
             raise RequestError(f"data.observation: expected a map, got {type(obs).__name__}")
-        options = _options(data.get("options"))
+        options = parse_options(data.get("options"))
         if _is_flat(obs):
             nested = _flat_to_nested(obs, batched=True)
             return ActionRequest(nested, options, ObservationForm.FLAT, False, _batch_size(nested))
