@@ -79,6 +79,9 @@ def deploy_config(applications: list[dict], timeout_s: int = 300) -> None:
         client._wait_for_application_running(app["name"], timeout_s=timeout_s)
 
 
+from serving.config import LOW_LATENCY_ENV_VARS  # noqa: E402 - after the os.environ defaults above
+
+
 def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16, name: str = "fleet-test") -> dict:
     """The application entry of a serve config, like serve_config.yaml's, on free ports and tiny checkpoints."""
     args = {
@@ -92,7 +95,7 @@ def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16, name:
     ]
     deployments.append({"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}})
     return {"name": name, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
-            "deployments": deployments}
+            "deployments": deployments, "runtime_env": {"env_vars": dict(LOW_LATENCY_ENV_VARS)}}
 
 
 def app_entry(name: str, checkpoint, ports: dict[str, int], *, ingress: dict | None = None,

@@ -21,6 +21,7 @@ from ray import serve
 from clients import PolicyClient
 from conftest import deploy_config, free_port, wait_for
 from robot_load import RobotLoad
+from serving.config import LOW_LATENCY_ENV_VARS
 
 APP = "fleet-autoscale"
 TAG = "gr1"
@@ -55,7 +56,7 @@ def autoscaling_app(checkpoint, port: int) -> dict:
         {"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}},
     ]
     return {"name": APP, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
-            "deployments": deployments}
+            "deployments": deployments, "runtime_env": {"env_vars": dict(LOW_LATENCY_ENV_VARS)}}
 
 
 def replica_states() -> dict[str, int]:

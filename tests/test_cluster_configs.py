@@ -91,6 +91,16 @@ def test_serve_config_validates_with_ray_and_fleet_args(path: Path):
                 BatchingConfig.model_validate(d["user_config"])
 
 
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_serve_configs_carry_the_low_latency_env_vars(path: Path):
+    # Read when a replica's process starts, so only the config can set them (serving/config.py says why each).
+    from serving.config import LOW_LATENCY_ENV_VARS
+
+    for app in _fleet_apps(_yaml(path)):
+        env = (app.get("runtime_env") or {}).get("env_vars") or {}
+        assert {k: env.get(k) for k in LOW_LATENCY_ENV_VARS} == LOW_LATENCY_ENV_VARS, path.name
+
+
 def test_ingress_name_matches_the_app():
     from serving.app import INGRESS_NAME
 
