@@ -66,6 +66,10 @@ class Plan:
     profile: set[tuple[str, int]] = field(default_factory=set)  # (preset, robots) points to py-spy
     keep_deadline: bool = False
     replicas: int | None = None  # num_replicas of the driven embodiment (default: as in serve_config.yaml)
+    # The serial reference is also measured with this many torch threads (all cores: how upstream runs by
+    # default); throughput targets compare with the faster of the two. None: only at torch_threads.
+    serial_all_cores: int | None = None
+    settle_max_s: float = 90.0  # autoscaling: drive the load until the replica count stops changing, at most this
     only: set[str] = field(default_factory=lambda: {"limit", "serial", "served"})
 
 
@@ -204,8 +208,13 @@ def bench_serve_config(checkpoint: Path, plan: "Plan") -> dict[str, Any]:
 
 
 def replica_pids(app_name: str) -> dict[str, int]:
-    """PIDs of the Serve replicas of `app_name` (their process titles read `ray::ServeReplica:<app>:<deployment>`)."""
-    found = {}
+    """A PID per deployment of `app_name` (process titles read `ray::ServeReplica:<app>:<deployment>`)."""
+    return {deployment: pids[0] for deployment, pids in replica_processes(app_name).items()}
+
+
+def replica_processes(app_name: str) -> dict[str, list[int]]:
+    """PIDs of every Serve replica process of `app_name`, by deployment (starting replicas included)."""
+    found: dict[str, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -216,8 +225,16 @@ def replica_pids(app_name: str) -> dict[str, int]:
         marker = f"ServeReplica:{app_name}:"
         if marker in cmd:
             deployment = cmd.split(marker, 1)[1].split()[0].split(".")[0]
-            found[deployment] = int(entry.name)
-    return found
+            found.setdefault(deployment, []).append(int(entry.name))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def max_replicas(deployment: dict[str, Any]) -> int:
+    """The most replicas a deployment entry of a serve config can run."""
+    auto = deployment.get("autoscaling_config")
+    if auto:
+        return int(auto.get("max_replicas", 1))
+    return int(deployment.get("num_replicas", 1))
 
 
 class CpuShare:
@@ -388,27 +405,64 @@ def _short(frame: str) -> str:
 # the three measurements
 
 
-def measure_limit(plan: Plan, checkpoint: Path) -> dict[str, Any]:
+def measure_limit(plan: Plan, checkpoint: Path, processes: Sequence[int] = (1,)) -> dict[str, Any]:
+    """The limit with one process, and with P processes side by side for each P > 1 in `processes` (what P
+    replicas of `torch_threads` threads each could do on this machine without any serving): samples/s summed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from bench.limit import run_subprocess
 
-    log(f"  limit: policy.get_actions in-process, B = {', '.join(map(str, plan.limit_batch_sizes))}")
-    share = CpuShare()
-    result = run_subprocess(str(checkpoint), plan.embodiment, plan.limit_batch_sizes, torch_threads=plan.torch_threads,
-                            device=plan.device, min_time_s=plan.limit_min_time_s)
-    result["cpu"] = share.result()
-    for r in result["rows"]:
-        log(f"    B={r['batch_size']:3d}: {r['samples_per_s']:9.2f} samples/s ({r['ms_per_call']:.1f} ms per call)")
-    log(f"    (cores used: ours {result['cpu']['ours_cores']:.2f}, others {result['cpu']['foreign_cores']:.2f})")
+    result: dict[str, Any] = {}
+    for p in sorted(set(processes)):
+        log(f"  limit: policy.get_actions in-process, B = {', '.join(map(str, plan.limit_batch_sizes))}"
+            + (f", {p} processes side by side" if p > 1 else ""))
+        share = CpuShare()
+        with ThreadPoolExecutor(p) as pool:
+            runs = list(pool.map(lambda _: run_subprocess(
+                str(checkpoint), plan.embodiment, plan.limit_batch_sizes, torch_threads=plan.torch_threads,
+                device=plan.device, min_time_s=plan.limit_min_time_s), range(p)))
+        cpu = share.result()
+        rows = [dict(r, samples_per_s=round(sum(run["rows"][i]["samples_per_s"] for run in runs), 3))
+                for i, r in enumerate(runs[0]["rows"])]
+        if p == 1:
+            result.update(runs[0], cpu=cpu)
+        result.setdefault("rows_by_processes", {})[p] = rows
+        for r in rows:
+            log(f"    B={r['batch_size']:3d}: {r['samples_per_s']:9.2f} samples/s ({r['ms_per_call']:.1f} ms per call)")
+        log(f"    (cores used: ours {cpu['ours_cores']:.2f}, others {cpu['foreign_cores']:.2f})")
     return result
 
 
+def settle_replicas(plan: Plan, targets: list, robots: int, app_name: str) -> dict[str, Any]:
+    """Under autoscaling, drive `robots` until the driven deployment's replica count stops changing: every
+    replica process answers, and as many did in the previous stretch. The measured window then sees the
+    replicas this load gets, not the scale-up. Bounded by plan.settle_max_s."""
+    from clients.fleet import run_fleet_sync
+
+    start, previous, stretches = time.monotonic(), None, 0
+    while True:
+        report = run_fleet_sync(targets, robots, 6.0, warmup_s=0.0, timeout_ms=plan.timeout_ms, seed=1000 + stretches)
+        stretches += 1
+        answering = len(report.replicas)
+        processes = len(replica_processes(app_name).get(plan.embodiment, []))
+        elapsed = time.monotonic() - start
+        if answering == processes == previous or elapsed > plan.settle_max_s:
+            settled = answering == processes == previous
+            log(f"      {'settled at' if settled else 'NOT settled, measuring with'} {answering} replica(s) answering "
+                f"({processes} running) after {elapsed:.0f} s of load")
+            return {"replicas": answering, "processes": processes, "settle_s": round(elapsed, 1), "settled": settled}
+        previous = answering if answering == processes else None
+
+
 def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[dict] | None,
-          profile_pids: dict[str, int] | None = None, results_dir: Path | None = None, stamp: str = "") -> list[dict]:
+          profile_pids: dict[str, int] | None = None, results_dir: Path | None = None, stamp: str = "",
+          settle_app: str | None = None) -> list[dict]:
     from clients.fleet import _Progress, run_fleet_sync
 
     out = []
     for n in plan.robots_by_preset.get(preset, plan.robots):
         warmup, window = point_times(plan, n, limit_rows)
+        settled = settle_replicas(plan, targets, n, settle_app) if settle_app else None
         progress = _Progress(prefix=f"    [{label} {n} robots] ")
         profiles: dict[str, tuple[subprocess.Popen, Path]] = {}
         if profile_pids and (preset, n) in plan.profile and results_dir is not None:
@@ -429,9 +483,12 @@ def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[d
         doc = report.to_json(with_latencies=True)
         doc["loadavg_1m"] = [round(load_before, 2), round(load_after, 2)]
         doc["cpu"] = cpu
+        if settled is not None:
+            doc["settle"] = settled
         lat = report.latency_ms
         log(f"    {label:>6} {n:3d} robots: {report.samples_per_s:8.2f} samples/s  p50 {_f(lat['p50'])} "
             f"p99 {_f(lat['p99'])} ms  batch {_f(report.mean_batch_size, 2)}  errors {report.errors}"
+            + (f"  replicas {len(report.replicas)}" if report.replicas else "") +
             f"  (window {report.window_s:.0f}s; cores used: ours {cpu['ours_cores']:.2f}, others {cpu['foreign_cores']:.2f})")
         log("      cores by role: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["by_role"].items()))
         if report.errors:
@@ -450,12 +507,13 @@ def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[d
     return out
 
 
-def measure_serial(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, stamp: str) -> list[dict]:
+def measure_serial(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, stamp: str,
+                   torch_threads: int | None) -> list[dict]:
     from bench.serial_server import SerialServerProcess
 
-    log(f"  serial (reference): bench/serial_server.py, one REP socket, torch threads {plan.torch_threads or 'default'}")
-    log_path = results_dir / f"serial-{stamp}.log"
-    with SerialServerProcess(str(checkpoint), plan.embodiment, device=plan.device, torch_threads=plan.torch_threads,
+    log(f"  serial (reference): bench/serial_server.py, one REP socket, torch threads {torch_threads or 'default'}")
+    log_path = results_dir / f"serial-{stamp}-{torch_threads or 'default'}.log"
+    with SerialServerProcess(str(checkpoint), plan.embodiment, device=plan.device, torch_threads=torch_threads,
                              log_path=str(log_path)) as server:
         target = f"127.0.0.1:{server.port}"
         pids = {"serial": server.pid}
@@ -522,7 +580,8 @@ def measure_served(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, 
         raise SystemExit(f"--embodiment {plan.embodiment!r} is not served by {SERVE_CONFIG.name}: {sorted(ports)}")
     dep = next((d for d in app.get("deployments", []) if d.get("name") == plan.embodiment), {})
     log(f"  served: `serve run` of {SERVE_CONFIG.name} (checkpoint, device, torch_threads {plan.torch_threads or 'default'}, "
-        f"ports substituted); {plan.embodiment}: num_replicas {dep.get('num_replicas', 1)}, "
+        f"ports substituted); {plan.embodiment}: "
+        f"{'autoscaling ' + str(dep['autoscaling_config']) if dep.get('autoscaling_config') else 'num_replicas ' + str(dep.get('num_replicas', 1))}, "
         f"{dep.get('ray_actor_options')}, user_config {dep.get('user_config')}, "
         f"ingress request_timeout_ms {app['args']['ingress'].get('request_timeout_ms', 'default')}")
     runner = ServeRun(config, results_dir / f"serve-config-{stamp}-{preset}.yaml", results_dir / f"serve-{stamp}-{preset}.log")
@@ -533,7 +592,9 @@ def measure_served(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, 
         log(f"    app up in {time.perf_counter() - t0:.1f} s")
         pids = replica_pids(app["name"])
         profile_pids = {k: v for k, v in pids.items() if k in (plan.embodiment, "ZmqIngress")}
-        reports = sweep(plan, "served", preset, [target], limit_rows, profile_pids, results_dir, stamp)
+        autoscaled = bool(dep.get("autoscaling_config"))
+        reports = sweep(plan, "served", preset, [target], limit_rows, profile_pids, results_dir, stamp,
+                        settle_app=app["name"] if autoscaled else None)
         return reports, {"app": app["name"], "config": config, "pids": pids}
     finally:
         runner.stop()
@@ -552,8 +613,10 @@ def analyse(preset_result: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows = []
     serial = {r["robots"]: r for r in preset_result.get("serial", [])}
+    serial_all = {r["robots"]: r for r in preset_result.get("serial_all_cores", [])}
     served = {r["robots"]: r for r in preset_result.get("served", [])}
-    limit_rows = (preset_result.get("limit") or {}).get("rows")
+    limit = preset_result.get("limit") or {}
+    limit_by_processes = {int(k): v for k, v in (limit.get("rows_by_processes") or {}).items()}
     for n in sorted(set(serial) | set(served)):
         s, v = serial.get(n), served.get(n)
         row: dict[str, Any] = {"robots": n}
@@ -566,6 +629,13 @@ def analyse(preset_result: dict[str, Any]) -> list[dict[str, Any]]:
                        served_foreign_cores=(v.get("cpu") or {}).get("foreign_cores"))
         if s and v and s["samples_per_s"]:
             row["served_vs_serial"] = round(v["samples_per_s"] / s["samples_per_s"], 3)
+        a = serial_all.get(n)
+        if a:
+            row.update(serial_all_sps=a["samples_per_s"], serial_all_p50=a["latency_ms"]["p50"])
+        best = max((x["samples_per_s"] for x in (s, a) if x), default=None)
+        if v and best:
+            # against the faster serial server: one thread (the replicas' count) or all cores (upstream's default)
+            row["served_vs_best_serial"] = round(v["samples_per_s"] / best, 3)
         if s and v and s["latency_ms"]["p50"] is not None and v["latency_ms"]["p50"] is not None:
             row["p50_delta_ms"] = round(v["latency_ms"]["p50"] - s["latency_ms"]["p50"], 2)
         # latency - the server's own infer_ms: what each server adds around the forward pass (robust to the
@@ -576,9 +646,15 @@ def analyse(preset_result: dict[str, Any]) -> list[dict[str, Any]]:
         if n == 1 and row.get("serial_overhead_p50") is not None and row.get("served_overhead_p50") is not None:
             # (one robot only: with more, a REP server's queueing happens in ZMQ and counts as its "overhead")
             row["overhead_delta_ms"] = round(row["served_overhead_p50"] - row["serial_overhead_p50"], 2)
+        # the limit of as many processes as replicas answered in the window (side by side, summed)
+        replicas = len(v.get("replicas") or {}) if v else 0
+        fits = [p for p in limit_by_processes if p <= max(1, replicas)]
+        limit_rows = limit_by_processes[max(fits)] if fits else limit.get("rows")
         if v and limit_rows and v.get("mean_batch_size"):
             lim = interpolate(limit_rows, v["mean_batch_size"])
             row["limit_at_batch"] = round(lim, 3)
+            row["served_replicas"] = replicas or None
+            row["limit_processes"] = max(fits) if fits else 1
             row["served_vs_limit"] = round(v["samples_per_s"] / lim, 3) if lim else None
         rows.append(row)
     return rows
@@ -592,7 +668,7 @@ def check_targets(results: dict[str, Any], targets: list[tuple]) -> list[dict[st
         value, ok = None, None
         if row is not None:
             if kind == "ratio_serial":
-                value = row.get("served_vs_serial")
+                value = row.get("served_vs_best_serial", row.get("served_vs_serial"))
                 ok = None if value is None else value >= threshold
             elif kind == "ratio_limit":
                 value = row.get("served_vs_limit")
@@ -622,17 +698,22 @@ def print_tables(results: dict[str, Any]) -> None:
         if lim:
             log("limit (in-process get_actions, no network): " + ", ".join(
                 f"B={r['batch_size']} {r['samples_per_s']:.2f}/s" for r in lim["rows"]))
+        all_cores = pr.get("serial_all_cores_threads")
         log(f"{'robots':>6} | {'serial(ref) s/s':>15} {'p50':>8} {'p99':>8} | {'served s/s':>10} {'p50':>8} {'p99':>8} "
-            f"{'batch':>6} | {'srv/ser':>7} {'limit@b':>8} {'srv/lim':>7} {'dp50 ms':>8} {'d-ovh ms':>8} | {'others ser/srv':>14}")
+            f"{'batch':>6} {'reps':>4} | {'srv/ser':>7} {'ser@' + str(all_cores or '-'):>7} {'srv/best':>8} {'limit@b':>8} "
+            f"{'srv/lim':>7} {'dp50 ms':>8} {'d-ovh ms':>8} | {'others ser/srv':>14}")
         for r in pr.get("table", []):
             log(f"{r['robots']:>6} | {_f(r.get('serial_sps'), 2):>15} {_f(r.get('serial_p50')):>8} {_f(r.get('serial_p99')):>8} | "
                 f"{_f(r.get('served_sps'), 2):>10} {_f(r.get('served_p50')):>8} {_f(r.get('served_p99')):>8} "
-                f"{_f(r.get('served_batch'), 2):>6} | {_f(r.get('served_vs_serial'), 2):>7} {_f(r.get('limit_at_batch'), 2):>8} "
+                f"{_f(r.get('served_batch'), 2):>6} {r.get('served_replicas') or '-':>4} | {_f(r.get('served_vs_serial'), 2):>7} "
+                f"{_f(r.get('serial_all_sps'), 2):>7} {_f(r.get('served_vs_best_serial'), 2):>8} {_f(r.get('limit_at_batch'), 2):>8} "
                 f"{_f(r.get('served_vs_limit'), 2):>7} {_f(r.get('p50_delta_ms'), 1):>8} {_f(r.get('overhead_delta_ms'), 1):>8} | "
                 f"{_f(r.get('serial_foreign_cores'), 2):>6} /{_f(r.get('served_foreign_cores'), 2):>6}")
-        log("  (dp50: served p50 - serial p50; d-ovh: the same for latency - the server's infer_ms, i.e. what each "
-            "server adds around the forward pass; others ser/srv: cores other processes on this machine used "
-            "during the point, 0 = a clean measurement)")
+        log(f"  (serial(ref): at the replicas' torch threads; ser@N: the serial server with N threads (all cores); "
+            "srv/best: served / the faster of the two; reps: replicas that answered; limit@b: the limit of that many "
+            "processes side by side at the mean batch reached; dp50: served p50 - serial p50; d-ovh: the same for "
+            "latency - the server's infer_ms, i.e. what each server adds around the forward pass; others ser/srv: cores "
+            "other processes on this machine used during the point, 0 = a clean measurement)")
     log("")
     log("targets:")
     for t in results["targets"]:
@@ -651,6 +732,8 @@ def make_plots(results: dict[str, Any], stamp: str) -> list[str]:
         series = {}
         if pr.get("serial"):
             series["serial (reference)"] = [as_report(d) for d in pr["serial"]]
+        if pr.get("serial_all_cores"):
+            series[f"serial, {pr.get('serial_all_cores_threads')} threads"] = [as_report(d) for d in pr["serial_all_cores"]]
         if pr.get("served"):
             series["served (fleetserve)"] = [as_report(d) for d in pr["served"]]
         if not series:
@@ -702,6 +785,8 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
     p.add_argument("--replicas", type=int, default=None,
                    help="num_replicas of the driven embodiment's deployment (default: serve_config.yaml's)")
     p.add_argument("--only", default="limit,serial,served", help="subset of limit,serial,served")
+    p.add_argument("--no-serial-all-cores", action="store_true",
+                   help="measure the serial reference only at --torch-threads, not also with all cores")
     a = p.parse_args(argv)
     quick = a.quick
     if a.gpu:
@@ -736,6 +821,7 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
         profile=profile,
         keep_deadline=a.keep_deadline,
         replicas=a.replicas,
+        serial_all_cores=None if (a.gpu or a.no_serial_all_cores) else os.cpu_count(),
         only=set(a.only.split(",")),
         # --quick measures just the points the CPU targets name
         robots_by_preset=dict(QUICK_ROBOTS) if quick and not a.robots and not a.gpu else {},
@@ -773,12 +859,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = ensure_checkpoint(preset)
         pr: dict[str, Any] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "torch_threads": plan.torch_threads}
         results["presets"][preset] = pr
+        config = bench_serve_config(checkpoint, plan)
+        driven = next((d for d in config["applications"][0].get("deployments", []) if d.get("name") == plan.embodiment), {})
         if "limit" in plan.only:
-            pr["limit"] = measure_limit(plan, checkpoint)
+            pr["limit"] = measure_limit(plan, checkpoint, processes=(1, max_replicas(driven)))
             pr["torch_threads"] = pr["limit"]["torch_threads"]
         limit_rows = (pr.get("limit") or {}).get("rows")
         if "serial" in plan.only:
-            pr["serial"] = measure_serial(plan, checkpoint, limit_rows, RESULTS, stamp)
+            pr["serial"] = measure_serial(plan, checkpoint, limit_rows, RESULTS, stamp, plan.torch_threads)
+            if plan.serial_all_cores and plan.serial_all_cores != plan.torch_threads:
+                pr["serial_all_cores"] = measure_serial(plan, checkpoint, limit_rows, RESULTS, stamp, plan.serial_all_cores)
+                pr["serial_all_cores_threads"] = plan.serial_all_cores
         if "served" in plan.only:
             pr["served"], pr["app"] = measure_served(plan, checkpoint, limit_rows, RESULTS, stamp)
         pr["table"] = analyse(pr)

@@ -151,6 +151,7 @@ class FleetReport:
     latency_ms: dict[str, float | None] = field(default_factory=dict)
     mean_batch_size: float | None = None  # mean of info["server"]["batch_size"] over the window's replies
     server_ms: dict[str, float | None] = field(default_factory=dict)  # means of queue_ms, infer_ms, total_ms
+    replicas: dict[str, int] = field(default_factory=dict)  # window replies per info["server"]["replica"]
     # latency minus the server's own infer_ms, per reply: what the serving path adds around the forward pass
     overhead_ms: dict[str, float | None] = field(default_factory=dict)
     per_target: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -180,7 +181,8 @@ class FleetReport:
             f"  throughput {self.throughput_rps:.1f} req/s ({self.samples_per_s:.1f} samples/s); latency ms "
             f"p50 {fmt(lat.get('p50'))} p90 {fmt(lat.get('p90'))} p99 {fmt(lat.get('p99'))} max {fmt(lat.get('max'))}; "
             f"mean batch {fmt(self.mean_batch_size)}; serving overhead (latency - infer_ms) p50 "
-            f"{fmt(self.overhead_ms.get('p50'))} ms",
+            f"{fmt(self.overhead_ms.get('p50'))} ms"
+            + (f"; {len(self.replicas)} replica(s) answered" if self.replicas else ""),
             f"  sent {self.sent} = answered {self.answered} + errors {self.errors} + in flight at stop "
             f"{self.in_flight_at_stop}{'' if self.consistent else '  (INCONSISTENT)'}",
         ]
@@ -277,6 +279,7 @@ class _Stats:
         self.window_end = math.inf
         self.latencies: list[float] = []  # window only
         self.batch_sizes: list[float] = []
+        self.replicas: Counter[str] = Counter()
         self.server: dict[str, list[float]] = {"queue_ms": [], "infer_ms": [], "total_ms": []}
         self.overheads: list[float] = []
         self.window_errors = 0
@@ -379,6 +382,9 @@ class _Robot:
                 bs = server.get("batch_size")
                 if isinstance(bs, (int, float)):
                     st.batch_sizes.append(float(bs))
+                replica = server.get("replica")
+                if isinstance(replica, str):
+                    st.replicas[replica] += 1
                 for key, values in st.server.items():
                     v = server.get(key)
                     if isinstance(v, (int, float)):
@@ -552,6 +558,7 @@ def _report(stats: _Stats, targets: list[Target], robots: int, batch: int, rate_
         latency_ms=_percentiles(stats.latencies),
         mean_batch_size=round(float(np.mean(stats.batch_sizes)), 3) if stats.batch_sizes else None,
         server_ms={k: (round(float(np.mean(v)), 3) if v else None) for k, v in stats.server.items()},
+        replicas=dict(stats.replicas),
         overhead_ms=_percentiles(stats.overheads),
         per_target=per_target,
         wall_s=round(wall, 3),
@@ -666,6 +673,9 @@ def merge_reports(reports: Sequence[FleetReport], label: str | None = None) -> F
         vals = [(r.server_ms.get(key), r.window_answered) for r in reports if r.server_ms.get(key) is not None]
         server_ms[key] = round(sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)), 3) if vals else None
     answered = sum(r.window_answered for r in reports)
+    replicas: Counter[str] = Counter()
+    for r in reports:
+        replicas.update(r.replicas)
     return FleetReport(
         robots=sum(r.robots for r in reports),
         targets=first.targets,
@@ -688,6 +698,7 @@ def merge_reports(reports: Sequence[FleetReport], label: str | None = None) -> F
         mean_batch_size=(round(sum(b * n for b, n in batch_weighted) / max(1, sum(n for _, n in batch_weighted)), 3)
                          if batch_weighted else None),
         server_ms=server_ms,
+        replicas=dict(replicas),
         # processes' overhead percentiles, weighted by replies (the raw values stay in the processes)
         overhead_ms={k: (round(sum((r.overhead_ms.get(k) or 0.0) * r.window_answered for r in reports)
                                / max(1, answered), 3) if all(r.overhead_ms.get(k) is not None for r in reports) else None)

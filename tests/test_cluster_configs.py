@@ -128,20 +128,33 @@ def test_gpu_config_gives_each_embodiment_a_gpu_and_its_own_autoscaling():
         assert Path(args.checkpoint_root).is_absolute(), "checkpoint_root must name one path on every node"
 
 
-def test_gpu_config_autoscaling_is_within_reach_of_the_ingress():
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_autoscaling_is_within_reach_of_the_ingress(path: Path):
     # Serve's autoscaler only sees batches that left the ingress: at most max_inflight_batches per embodiment and
     # ingress replica. Fewer than max_replicas x target and the deployment can never reach max_replicas.
-    (app,) = _fleet_apps(_yaml(GPU_CONFIG))
+    (app,) = _fleet_apps(_yaml(path))
     args = FleetArgs.model_validate(app["args"])
     deployments = _deployments(app)
     ingresses = deployments[INGRESS].get("num_replicas", 1)
     for tag in args.embodiments:
-        auto = deployments[tag]["autoscaling_config"]
+        auto = deployments[tag].get("autoscaling_config")
+        if not auto:
+            continue
         visible = args.ingress.max_inflight_batches * ingresses
         assert visible >= auto["max_replicas"] * auto["target_ongoing_requests"], (
             f"{tag}: max_inflight_batches {args.ingress.max_inflight_batches} x {ingresses} ingress(es) < "
             f"max_replicas {auto['max_replicas']} x target_ongoing_requests {auto['target_ongoing_requests']}"
         )
+
+
+def test_default_config_fits_a_two_core_machine_at_max_replicas():
+    # `make serve` on a 2-core laptop (or CI box): every replica the autoscaler may start must still be placeable.
+    (app,) = _fleet_apps(_yaml(REPO / "serve_config.yaml"))
+    need = 0.0
+    for d in app["deployments"]:
+        auto = d.get("autoscaling_config") or {}
+        need += float((d.get("ray_actor_options") or {}).get("num_cpus", 1)) * auto.get("max_replicas", d.get("num_replicas", 1))
+    assert need <= 2.0, f"serve_config.yaml needs {need} CPUs at max replicas"
 
 
 def test_gpu_config_pins_the_single_ingress_with_a_custom_resource():

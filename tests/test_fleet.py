@@ -235,6 +235,21 @@ def test_bench_limit_interpolation_ratios_and_targets(tmp_path):
     assert status == {"small-16-vs-serial": "PASS", "small-16-vs-limit": "PASS", "small-1-p50": "PASS", "small-1-overhead": "n/a",
                       "tiny-64-vs-serial": "n/a"}
 
+    # Two replicas answered: compared with two limit processes side by side; and with the faster serial server.
+    two = [dict(r, samples_per_s=2 * r["samples_per_s"]) for r in rows]
+    scaled = {"limit": {"rows": rows, "rows_by_processes": {"1": rows, "2": two}},
+              "serial": [point(16, 10.0, 1600.0, 1700.0, 1.0)],
+              "serial_all_cores": [point(16, 20.0, 800.0, 900.0, 1.0)],
+              "served": [dict(point(16, 36.0, 450.0, 600.0, 8.0), replicas={"a": 10, "b": 12})]}
+    scaled["table"] = analyse(scaled)
+    (row,) = scaled["table"]
+    assert row["served_replicas"] == 2 and row["limit_processes"] == 2
+    assert row["limit_at_batch"] == pytest.approx(60.0) and row["served_vs_limit"] == pytest.approx(0.6)
+    assert row["served_vs_serial"] == 3.6 and row["served_vs_best_serial"] == 1.8
+    status = {t["id"]: t for t in check_targets({"presets": {"small": scaled}}, TARGETS_CPU)}
+    assert status["small-16-vs-serial"]["value"] == 1.8 and status["small-16-vs-serial"]["status"] == "PASS"
+    assert status["small-16-vs-limit"]["status"] == "MISS"
+
     raw = tmp_path / "profile.txt"
     raw.write_text(
         "Thread.run (threading.py:982) 30\n"
