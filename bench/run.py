@@ -1,17 +1,21 @@
 """`make bench` / `python -m bench.run`: fleetserve against the upstream-shaped serial server and the limit.
 
-In ONE run, on the same model, machine and torch thread count, for each preset and robot count:
+In ONE run, on the same model and machine, for each preset and robot count:
   served    the Ray Serve application exactly as `make serve` starts it (`serve run` of serve_config.yaml, with
             the preset's checkpoint, device, torch_threads and free ports substituted), driven by clients.fleet;
+            under autoscaling, each point first drives the load until the replica count settles;
   serial    the REFERENCE: bench/serial_server.py, one REP socket, one request at a time, the same policy
-            in-process (what upstream GR00T's PolicyServer does), in its own process, driven the same way;
+            in-process (what upstream GR00T's PolicyServer does), in its own process, driven the same way; on
+            CPU measured twice: at the replicas' torch threads, and with all cores (upstream's default);
   limit     policy.get_actions on B observations in-process, no network (bench/limit.py): samples/s at
-            B = 1, 4, 16, 64; the ceiling of any server on this machine.
-Then prints tables, ratios (served / serial; served / limit at the mean batch size served reached) and
-PASS/MISS against the targets, and writes bench/results/bench-<timestamp>.json (+ latest.json) and plots.
+            B = 1, 4, 16, 64, in one process and in as many processes side by side as the driven deployment
+            may have replicas; the ceiling of any server on this machine with that layout.
+Then prints tables, ratios (served / serial at the same threads, served / the faster serial, served / the
+limit of as many processes as replicas answered, at the mean batch size reached) and PASS/MISS against the
+targets, and writes bench/results/bench-<timestamp>.json (+ latest.json) and plots.
 
-    python -m bench.run                 # full CPU run (tiny and small, 1/4/16/64 robots), ~10-15 min on 2 cores
-    python -m bench.run --quick         # smoke run, ~3-4 min (only the points the targets name)
+    python -m bench.run                 # full CPU run (tiny and small, 1/4/16/64 robots), ~20 min on 2 cores
+    python -m bench.run --quick         # smoke run, ~5 min (only the points the targets name)
     python -m bench.run --gpu           # n16-3b on CUDA, 1/8/32 robots
     python -m bench.run --profile small:16   # + py-spy on the replica and the ingress during that served point
 """
@@ -775,7 +779,7 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
     p.add_argument("--embodiment", default="gr1", help="the embodiment the robots drive (default gr1)")
     p.add_argument("--timeout-ms", type=int, default=180_000)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run, ~3 min: only the target points (tiny 1,64; small 1,16 robots), limit at B=1,16, short windows")
+                   help="smoke run, ~5 min: only the target points (tiny 1,64; small 1,16 robots), limit at B=1,16, short windows")
     p.add_argument("--gpu", action="store_true", help="n16-3b on CUDA (robots 1,8,32)")
     p.add_argument("--profile", default=None, metavar="PRESET:ROBOTS[,...]",
                    help="py-spy record the replica and the ingress (and the serial server) during these points")
