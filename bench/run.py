@@ -204,7 +204,10 @@ def bench_serve_config(checkpoint: Path, plan: "Plan") -> dict[str, Any]:
     for dep in app.get("deployments", []):
         if dep.get("name") in embodiments:
             if plan.gpu:
+                # one GPU shared by the embodiments: one replica each (a second could never be placed)
                 dep["ray_actor_options"] = {"num_cpus": 1, "num_gpus": round(1.0 / len(embodiments), 3)}
+                dep.pop("autoscaling_config", None)
+                dep["num_replicas"] = 1
             if dep["name"] == plan.embodiment and plan.replicas:
                 dep.pop("autoscaling_config", None)
                 dep["num_replicas"] = plan.replicas
