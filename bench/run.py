@@ -236,6 +236,11 @@ def replica_processes(app_name: str) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in found.items()}
 
 
+def driven_deployment(config: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The deployment entry, in a bench serve config, of the embodiment the robots drive ({} if it has none)."""
+    return next((d for d in config["applications"][0].get("deployments", []) if d.get("name") == plan.embodiment), {})
+
+
 def max_replicas(deployment: dict[str, Any]) -> int:
     """The most replicas a deployment entry of a serve config can run."""
     auto = deployment.get("autoscaling_config")
@@ -585,7 +590,7 @@ def measure_served(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, 
     ports = {p["embodiment"]: p["port"] for p in app["args"]["ingress"]["ports"]}
     if plan.embodiment not in ports:
         raise SystemExit(f"--embodiment {plan.embodiment!r} is not served by {SERVE_CONFIG.name}: {sorted(ports)}")
-    dep = next((d for d in app.get("deployments", []) if d.get("name") == plan.embodiment), {})
+    dep = driven_deployment(config, plan)
     log(f"  served: `serve run` of {SERVE_CONFIG.name} (checkpoint, device, torch_threads {plan.torch_threads or 'default'}, "
         f"ports substituted); {plan.embodiment}: "
         f"{'autoscaling ' + str(dep['autoscaling_config']) if dep.get('autoscaling_config') else 'num_replicas ' + str(dep.get('num_replicas', 1))}, "
@@ -866,9 +871,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = ensure_checkpoint(preset)
         pr: dict[str, Any] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "torch_threads": plan.torch_threads}
         results["presets"][preset] = pr
-        config = bench_serve_config(checkpoint, plan)
-        driven = next((d for d in config["applications"][0].get("deployments", []) if d.get("name") == plan.embodiment), {})
         if "limit" in plan.only:
+            driven = driven_deployment(bench_serve_config(checkpoint, plan), plan)
             pr["limit"] = measure_limit(plan, checkpoint, processes=(1, max_replicas(driven)))
             pr["torch_threads"] = pr["limit"]["torch_threads"]
         limit_rows = (pr.get("limit") or {}).get("rows")

@@ -9,6 +9,8 @@ from typing import Callable
 
 import pytest
 
+from serving.config import LOW_LATENCY_ENV_VARS  # pydantic only: imports neither ray nor torch
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -77,9 +79,6 @@ def deploy_config(applications: list[dict], timeout_s: int = 300) -> None:
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}), _blocking=False)
     for app in applications:
         client._wait_for_application_running(app["name"], timeout_s=timeout_s)
-
-
-from serving.config import LOW_LATENCY_ENV_VARS  # noqa: E402 - after the os.environ defaults above
 
 
 def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16, name: str = "fleet-test") -> dict:
