@@ -2,8 +2,9 @@
 
 Upstream (Isaac-GR00T `gr00t/policy/server_client.py`) binds ONE `REP` socket and answers one request at a
 time: receive, decode, run the policy on that request alone, encode, send. This does the same, with the same
-policy loaded in-process (`policy.load_policy`), the same codec (`clients.codec`) and the same request
-parsing as fleetserve (`serving.protocol`), so the only difference the benchmark sees is the serving
+policy loaded in-process (`policy.load_policy`), the same codec (`clients.codec`) and the same protocol
+(`clients.protocol`: envelope, observation forms, error replies, replies in the request's array encoding) as
+fleetserve, so the only difference the benchmark sees is the serving
 architecture: no concurrency, no batching across robots.
 
 Endpoints: ping, get_action ([action, info], with info["server"] as fleetserve reports it, batch_size = the
@@ -28,7 +29,19 @@ from typing import Any
 
 import zmq
 
-from clients.codec import CodecError, packb, unpackb
+from clients.codec import CodecError, packb, unpackb_with_encoding
+from clients.protocol import (
+    UNAUTHORIZED,
+    ArrayEncoding,
+    ErrorKind,
+    RequestError,
+    canonical_tag,
+    error_reply,
+    format_action_reply,
+    parse_action_request,
+    parse_envelope,
+    parse_options,
+)
 
 READY = "READY"
 VERSION = "serial-reference"
@@ -39,7 +52,7 @@ class SerialServer:
 
     def __init__(self, policy: Any, tag: str, host: str = "127.0.0.1", port: int = 0, api_token: str | None = None):
         self.policy = policy
-        self.tag = tag
+        self.tag = canonical_tag(tag)
         self.api_token = api_token
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.REP)
@@ -57,8 +70,6 @@ class SerialServer:
     # -- endpoints -------------------------------------------------------------------------------------------
 
     def _get_action(self, data: dict[str, Any], received: float) -> Any:
-        from serving.protocol import format_action_reply, parse_action_request
-
         req = parse_action_request(data)
         t0 = time.perf_counter()
         action, info = self.policy.get_actions([(req.observation, req.options)])[0]
@@ -74,31 +85,30 @@ class SerialServer:
         }
         return format_action_reply(req, action, info)
 
-    def handle(self, body: bytes | memoryview, received: float) -> Any:
-        msg = unpackb(body)
-        if not isinstance(msg, dict):
-            raise ValueError(f"request: expected a msgpack map, got {type(msg).__name__}")
-        if self.api_token is not None and msg.get("api_token") != self.api_token:
-            return {"error": "Unauthorized: Invalid API token"}
-        tag = msg.get("embodiment_tag")
-        if tag is not None and str(tag).lower() != self.tag.lower():
-            return {"error": f"embodiment_tag: {tag!r:.60} is not served here; served: {self.tag}"}
-        endpoint = msg.get("endpoint", "get_action")
-        data = msg.get("data") or {}
-        if endpoint == "get_action":
-            return self._get_action(data, received)
-        if endpoint == "ping":
+    def handle(self, msg: Any, received: float) -> Any:
+        """The reply to one decoded request; a refused request raises RequestError."""
+        env = parse_envelope(msg)
+        if self.api_token is not None and env.api_token != self.api_token:
+            raise RequestError(UNAUTHORIZED, ErrorKind.UNAUTHORIZED)
+        if env.embodiment_tag is not None:
+            try:
+                served = canonical_tag(env.embodiment_tag) == self.tag
+            except ValueError as exc:
+                raise RequestError(f"embodiment_tag: {exc}") from None
+            if not served:
+                raise RequestError(f"embodiment_tag: {env.embodiment_tag!r:.60} is not served here; served: {self.tag}")
+        if env.endpoint == "get_action":
+            return self._get_action(env.data, received)
+        if env.endpoint == "ping":
             return {"status": "ok", "message": "Server is running", "embodiment_tag": self.tag}
-        if endpoint == "reset":
-            return self.policy.reset(data.get("options"))
-        if endpoint == "get_modality_config":
+        if env.endpoint == "reset":
+            return self.policy.reset(parse_options(env.data.get("options")))
+        if env.endpoint == "get_modality_config":
             return self.policy.get_modality_config()
-        if endpoint == "info":
+        if env.endpoint == "info":
             return {"default_embodiment": self.tag, "embodiments": {self.tag: self.policy.describe()}, "version": VERSION}
-        if endpoint == "kill":
-            self._stop.set()
-            return {"status": "ok", "message": "Server is shutting down"}
-        return {"error": f"endpoint: unknown endpoint {endpoint!r:.60}"}
+        self._stop.set()  # kill: parse_envelope let only known endpoints through
+        return {"status": "ok", "message": "Server is shutting down"}
 
     # -- loop ------------------------------------------------------------------------------------------------
 
@@ -110,16 +120,20 @@ class SerialServer:
                     continue
                 frame = sock.recv(copy=False)
                 received = time.perf_counter()
+                encoding = None
                 try:
-                    reply = self.handle(frame.buffer, received)
+                    msg, encoding = unpackb_with_encoding(frame.buffer)
+                    reply = self.handle(msg, received)
                 except CodecError as exc:
-                    reply = {"error": f"request: {exc}"}
+                    reply = error_reply(f"request: {exc}", ErrorKind.BAD_REQUEST)
+                except RequestError as exc:
+                    reply = error_reply(str(exc), exc.kind)
                 except Exception as exc:  # noqa: BLE001 - upstream answers every failure as {"error": str(e)}
-                    reply = {"error": str(exc) or type(exc).__name__}
+                    reply = error_reply(str(exc) or type(exc).__name__, ErrorKind.POLICY)
                 try:
-                    payload = packb(reply)
+                    payload = packb(reply, encoding or ArrayEncoding.NPY)
                 except Exception as exc:  # noqa: BLE001
-                    payload = packb({"error": f"reply could not be encoded: {exc}"})
+                    payload = packb(error_reply(f"reply could not be encoded: {exc}", ErrorKind.INTERNAL))
                 sock.send(payload, copy=False)
                 self.served += 1
         finally:

@@ -16,15 +16,18 @@ import zmq
 
 from .codec import CodecError, packb, unpackb
 from .modality import ModalityConfig
+from .protocol import build_request, reply_error
 
 __all__ = ["PolicyClient", "PolicyServerError", "PolicyTimeoutError", "check_observation"]
 
 
 class PolicyServerError(RuntimeError):
-    """The server answered `{"error": message}`; `str(exc)` and `exc.message` are the server's message."""
+    """The server answered `{"error": message, "kind": kind}`; `str(exc)` and `exc.message` are the server's message,
+    `exc.kind` one of `clients.protocol.ERROR_KINDS` (None from servers that send no kind, such as upstream's)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, kind: str | None = None) -> None:
         self.message = message
+        self.kind = kind
         super().__init__(message)
 
 
@@ -214,16 +217,12 @@ class PolicyClient:
 
     def call_endpoint(self, endpoint: str, data: dict[str, Any] | None = None, requires_input: bool = True) -> Any:
         """Send one request (upstream's signature) and return the decoded reply; raise on an error reply."""
-        request: dict[str, Any] = {"endpoint": endpoint}
-        if requires_input:
-            request["data"] = data
-        if self.api_token is not None:
-            request["api_token"] = self.api_token
-        if self.embodiment_tag is not None:
-            request["embodiment_tag"] = self.embodiment_tag
+        request = build_request(endpoint, data, requires_input=requires_input, api_token=self.api_token,
+                                embodiment_tag=self.embodiment_tag)
         reply = unpackb(self._roundtrip(packb(request)))
-        if isinstance(reply, dict) and "error" in reply:
-            raise PolicyServerError(str(reply["error"]))
+        error = reply_error(reply)
+        if error is not None:
+            raise PolicyServerError(*error)
         return reply
 
     # -- endpoints ---------------------------------------------------------------------------------------

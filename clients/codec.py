@@ -1,12 +1,17 @@
 """msgpack codec of the GR00T wire protocol, shared by the server and the robot client.
 
-Encoding (`packb`) writes what every GR00T client generation decodes:
-- numpy arrays in the N1.6 form `{"__ndarray_class__": True, "as_npy": <np.save(arr, allow_pickle=False)>}`
-  (byte-identical to `np.save`, so an upstream client's `np.load` reads it);
-- `ModalityConfig` as `{"__ModalityConfig_class__": True, "as_json": cfg.to_json()}`;
-- numpy scalars as Python scalars (complex ones as 0-d arrays: msgpack has no complex), tuples as lists.
+Encoding (`packb`) writes arrays in one of the two array encodings (`clients.protocol.ArrayEncoding`):
+- NPY (default, N1.6): `{"__ndarray_class__": True, "as_npy": <np.save(arr, allow_pickle=False)>}` (byte-identical
+  to `np.save`, so an upstream client's `np.load` reads it);
+- MSGPACK_NUMPY (N1.7, and clients built on the `msgpack-numpy` package, which read nothing else): exactly what
+  `msgpack_numpy.encode` writes, `{b"nd": True, b"type": dtype.str, b"kind": b"", b"shape": [...], b"data": <raw
+  C-order bytes>}`.
+In both, `ModalityConfig` goes as `{"__ModalityConfig_class__": True, "as_json": cfg.to_json()}`, tuples as lists,
+and numpy scalars (e.g. in a reply's `info`) as plain msgpack numbers: every msgpack reader of every generation
+reads those, while msgpack-numpy's scalar form `{b"nd": False, ...}` is unknown to N1.6 and N1.5 readers. The
+value survives, the numpy type does not (complex scalars, which msgpack cannot hold, go as 0-d arrays).
 
-Decoding (`unpackb`) reads all generations: N1.6 `.npy` arrays, N1.7 msgpack-numpy arrays (`{b"nd": True,
+Decoding (`unpackb`; `unpackb_with_encoding` also says which array encoding the message used) reads all generations: N1.6 `.npy` arrays, N1.7 msgpack-numpy arrays (`{b"nd": True,
 b"type": ..., b"shape": ..., b"data": ...}`, bytes or str keys) and the three ModalityConfig markers. Input is
 untrusted: nothing is ever unpickled, only bool/int/uint/float/complex dtypes are accepted, sizes are capped
 before anything is allocated, and every failure is a `CodecError` naming the field path.
@@ -30,6 +35,7 @@ import msgpack
 import numpy as np
 
 from .modality import ActionConfig, ModalityConfig
+from .protocol import MODALITY_MARKER, MODALITY_MARKER_N17, ArrayEncoding
 
 __all__ = [
     "CodecError",
@@ -37,12 +43,13 @@ __all__ = [
     "DEFAULT_LIMITS",
     "packb",
     "unpackb",
+    "unpackb_with_encoding",
     "encode_ndarray",
     "decode_npy",
 ]
 
 NDARRAY_MARKER = "__ndarray_class__"  # N1.6
-MODALITY_MARKERS = ("__ModalityConfig_class__", "__ModalityConfig__")  # N1.5/N1.6, N1.7
+MODALITY_MARKERS = (MODALITY_MARKER, MODALITY_MARKER_N17)  # N1.5/N1.6, N1.7
 _ALLOWED_KINDS = frozenset("biufc")
 # Only plain numeric descriptors; rules out object ('O'), void/structured, datetime, strings and
 # anything np.dtype() would interpret in a creative way (comma lists, subarray shapes, names).
@@ -149,6 +156,19 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode a {type(obj).__name__}")
 
 
+def _default_msgpack_numpy(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ALLOWED_KINDS or obj.dtype.fields is not None:
+            raise TypeError(f"cannot send an array of dtype {obj.dtype}: only bool, int, uint, float and complex")
+        return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": list(obj.shape), b"data": obj.tobytes()}
+    if isinstance(obj, complex) or (isinstance(obj, np.generic) and obj.dtype.kind == "c"):
+        return _default_msgpack_numpy(np.asarray(obj))
+    return _default(obj)
+
+
+_DEFAULTS = {ArrayEncoding.NPY: _default, ArrayEncoding.MSGPACK_NUMPY: _default_msgpack_numpy}
+
+
 def _find_unencodable(obj: Any, path: tuple, depth: int) -> CodecError | None:
     """Slow path after a failed packb: locate the offending value so the error names its field."""
     if depth > 256:
@@ -177,27 +197,32 @@ _local = threading.local()
 _KEEP_PACKER_BUFFER = 32 << 20
 
 
-def _packer() -> msgpack.Packer:
+def _packer(encoding: ArrayEncoding) -> msgpack.Packer:
     # A fresh Packer per call grows its buffer by reallocs, and around 200 KiB (one camera frame) that was
     # measured 15x slower than reusing one whose buffer is already big; Packers are not thread-safe.
-    packer = getattr(_local, "packer", None)
+    packers = getattr(_local, "packers", None)
+    if packers is None:
+        packers = _local.packers = {}
+    packer = packers.get(encoding)
     if packer is None:
-        packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True)
+        packer = packers[encoding] = msgpack.Packer(default=_DEFAULTS[encoding], use_bin_type=True)
     return packer
 
 
-def packb(obj: Any) -> bytes:
-    """Encode a request or reply. Raises `CodecError` (with the field path) for values that cannot be sent."""
-    packer = _packer()
+def packb(obj: Any, encoding: ArrayEncoding | str = ArrayEncoding.NPY) -> bytes:
+    """Encode a request or reply, arrays in `encoding`. Raises `CodecError` (with the field path) for values that
+    cannot be sent."""
+    encoding = ArrayEncoding(encoding)
+    packer = _packer(encoding)
     try:
         out = packer.pack(obj)
     except Exception as exc:  # noqa: BLE001
         packer.reset()
-        _local.packer = None
+        _local.packers.pop(encoding, None)
         found = _find_unencodable(obj, (), 0)
         raise found or CodecError("", f"cannot encode: {exc}") from exc
     if len(out) > _KEEP_PACKER_BUFFER:  # do not pin a huge buffer per thread for one odd message
-        _local.packer = None
+        _local.packers.pop(encoding, None)
     return out
 
 
@@ -330,12 +355,12 @@ def _decode_msgpack_numpy(obj: dict, path: tuple, limits: DecodeLimits) -> Any:
     raise _err(path, f"'nd' must be true or false, got {nd!r:.20}")
 
 
-def _decode_modality(obj: dict, marker: str, path: tuple, depth: int, limits: DecodeLimits) -> ModalityConfig:
+def _decode_modality(obj: dict, marker: str, path: tuple, depth: int, limits: DecodeLimits, seen: set) -> ModalityConfig:
     if "as_json" not in obj:
         raise _err(path, f"{marker} without 'as_json'")
     as_json = obj["as_json"]
     if isinstance(as_json, (dict, list)):
-        as_json = _walk(as_json, path + ("as_json",), depth + 1, limits)
+        as_json = _walk(as_json, path + ("as_json",), depth + 1, limits, seen)
     elif not isinstance(as_json, (str, bytes)):
         raise _err(path + ("as_json",), f"expected a map or a JSON string, got {_type_name(as_json)}")
     elif isinstance(as_json, str):
@@ -368,8 +393,9 @@ def _check_str(s: str, path: tuple) -> None:
 _SCALARS = (int, float, bool, type(None), bytes)
 
 
-def _walk(obj: Any, path: tuple, depth: int, limits: DecodeLimits) -> Any:
-    """Validate the tree msgpack built and swap array/config markers for their values, in place."""
+def _walk(obj: Any, path: tuple, depth: int, limits: DecodeLimits, seen: set) -> Any:
+    """Validate the tree msgpack built and swap array/config markers for their values, in place; `seen` collects
+    the array encodings met."""
     t = type(obj)
     if t in _SCALARS:
         return obj
@@ -380,12 +406,14 @@ def _walk(obj: Any, path: tuple, depth: int, limits: DecodeLimits) -> Any:
         raise _err(path, f"nesting deeper than {limits.max_depth} levels")
     if t is dict:
         if NDARRAY_MARKER in obj:
+            seen.add(ArrayEncoding.NPY)
             return decode_npy(obj.get("as_npy"), path, limits)
         if b"nd" in obj or (type(obj.get("nd")) is bool and "type" in obj and "data" in obj):
+            seen.add(ArrayEncoding.MSGPACK_NUMPY)
             return _decode_msgpack_numpy(obj, path, limits)
         for marker in MODALITY_MARKERS:
             if marker in obj:
-                return _decode_modality(obj, marker, path, depth, limits)
+                return _decode_modality(obj, marker, path, depth, limits, seen)
         for key, value in obj.items():
             kt = type(key)
             if kt is str:
@@ -399,7 +427,7 @@ def _walk(obj: Any, path: tuple, depth: int, limits: DecodeLimits) -> Any:
                     _check_str(value, path + (key,))
             elif vt not in _SCALARS:
                 # Assigning to an existing key while iterating is safe: the dict does not change size.
-                obj[key] = _walk(value, path + (key,), depth + 1, limits)
+                obj[key] = _walk(value, path + (key,), depth + 1, limits, seen)
         return obj
     if t is list:
         for i, value in enumerate(obj):
@@ -408,7 +436,7 @@ def _walk(obj: Any, path: tuple, depth: int, limits: DecodeLimits) -> Any:
                 if not value.isascii():
                     _check_str(value, path + (i,))
             elif vt not in _SCALARS:
-                obj[i] = _walk(value, path + (i,), depth + 1, limits)
+                obj[i] = _walk(value, path + (i,), depth + 1, limits, seen)
         return obj
     # ExtType, Timestamp: not part of the protocol.
     raise _err(path, f"msgpack {t.__name__} values are not accepted")
@@ -440,6 +468,14 @@ def unpackb(
     if limits is None:
         caps = (max_array_bytes, max_ndim, max_depth, max_str_len, max_container_len, max_message_bytes)
         limits = DEFAULT_LIMITS if caps == _DEFAULT_CAPS else DecodeLimits(*caps)
+    return unpackb_with_encoding(data, limits)[0]
+
+
+def unpackb_with_encoding(
+    data: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[Any, ArrayEncoding | None]:
+    """`unpackb`, and the array encoding the message used: None without arrays; MSGPACK_NUMPY when any array came
+    in that form (a client that writes it may read nothing else), else NPY."""
     size = memoryview(data).nbytes
     if size == 0:
         raise CodecError("", "empty message")
@@ -464,7 +500,11 @@ def unpackb(
             reason = "nesting too deep"
         detail = f"{type(exc).__name__}: {str(exc)[:80]}" if str(exc) else type(exc).__name__
         raise CodecError("", reason or f"not a valid msgpack message ({detail})") from None
+    seen: set = set()
     try:
-        return _walk(obj, (), 0, limits)
+        obj = _walk(obj, (), 0, limits, seen)
     except RecursionError:
         raise CodecError("", "nesting too deep") from None
+    if ArrayEncoding.MSGPACK_NUMPY in seen:
+        return obj, ArrayEncoding.MSGPACK_NUMPY
+    return obj, (ArrayEncoding.NPY if seen else None)

@@ -259,9 +259,12 @@ def build_payloads(target: Target, embodiment: dict[str, Any], batch: int, image
 # the fleet
 
 
-def _error_kind(message: Any) -> str:
-    """Group error replies by their message prefix: up to the first ':' (at most 60 characters)."""
-    text = str(message)
+def _error_kind(reply: dict[str, Any]) -> str:
+    """Group error replies by their kind (`{"error": ..., "kind": ...}`), or, from servers that send no kind
+    (upstream's), by their message prefix: up to the first ':' (at most 60 characters)."""
+    if isinstance(reply.get("kind"), str):
+        return f"error reply: {reply['kind']}"
+    text = str(reply["error"])
     head = text.split(":", 1)[0] if ":" in text[:61] else text[:60]
     return f"error reply: {head.strip()}"
 
@@ -364,7 +367,7 @@ class _Robot:
             self._error(f"undecodable reply: {exc.reason[:40]}", now)
             return
         if isinstance(reply, dict) and "error" in reply:
-            self._error(_error_kind(reply["error"]), now)
+            self._error(_error_kind(reply), now)
             return
         if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], dict)):
             self._error(f"unexpected reply: {type(reply).__name__}", now)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .protocol import to_flat  # noqa: F401 - the flat form, where demos look for it
+
 
 def _horizon(embodiment: dict[str, Any], modality: str) -> int:
     return len(embodiment["modality_config"][modality]["delta_indices"])
@@ -41,15 +43,3 @@ def random_observation(
         },
         "language": {key: [[task]] * batch_size for key in embodiment["modality_config"]["language"]["modality_keys"]},
     }
-
-
-def to_flat(observation: dict[str, Any]) -> dict[str, Any]:
-    """The flat form of the upstream simulation wrapper: `video.<cam>`, `state.<key>`, `<language key>`."""
-    flat: dict[str, Any] = {}
-    for cam, arr in observation["video"].items():
-        flat[f"video.{cam}"] = arr
-    for key, arr in observation["state"].items():
-        flat[f"state.{key}"] = arr
-    for key, texts in observation["language"].items():
-        flat[key] = [t[0] if isinstance(t, (list, tuple)) else t for t in texts]
-    return flat

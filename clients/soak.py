@@ -48,9 +48,12 @@ MAX_LATENCIES = 1_000_000
 INGRESS_DEPLOYMENT = "ZmqIngress"
 
 
-def error_kind(message: str) -> str:
-    """The class of an error reply, from its text: deadline, overloaded, unauthorized, policy, internal, bad_request."""
-    low = message.lower()
+def error_kind(reply: dict[str, Any]) -> str:
+    """The class of an error reply: its `kind`, or, from a server that sends none (upstream's), a guess from its
+    text: deadline, overloaded, unauthorized, policy, internal, bad_request."""
+    if isinstance(reply.get("kind"), str):
+        return reply["kind"]
+    low = str(reply["error"]).lower()
     if "deadline exceeded" in low:
         return "deadline"
     if "overloaded" in low:
@@ -323,10 +326,10 @@ class _Robot(threading.Thread):
                 s.answered += 1
                 is_error = isinstance(reply, dict) and "error" in reply
                 if is_error:
-                    s.errors_by_kind[error_kind(str(reply["error"]))] += 1
+                    s.errors_by_kind[error_kind(reply)] += 1
                 if hostile is not None:
                     why = hostile.check(reply)
-                    if why is not None and self.unauthorized_ok and is_error and error_kind(str(reply["error"])) == "unauthorized":
+                    if why is not None and self.unauthorized_ok and is_error and error_kind(reply) == "unauthorized":
                         why = None
                     if why is None:
                         s.hostile_errors += 1
@@ -335,7 +338,7 @@ class _Robot(threading.Thread):
                         s.example("hostile_mismatch", f"{hostile.category}: {why}")
                     continue
                 if is_error:
-                    kind = error_kind(str(reply["error"]))
+                    kind = error_kind(reply)
                     s.good_errors[kind] += 1
                     s.example(f"good_error:{kind}", str(reply["error"]))
                     continue

@@ -10,8 +10,9 @@ lower-case canonical string.
 from __future__ import annotations
 
 import enum
-import re
 from typing import Any
+
+from clients.protocol import canonical_tag
 
 
 class EmbodimentTag(str, enum.Enum):
@@ -36,33 +37,13 @@ class EmbodimentTag(str, enum.Enum):
 
 KNOWN_TAGS: tuple[str, ...] = tuple(t.value for t in EmbodimentTag)
 
-_NAME_TO_VALUE = {t.name.lower(): t.value for t in EmbodimentTag}
-_TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.+\-]*$")
-
 
 def resolve_tag(tag: Any) -> str:
-    """Canonical lower-case tag for `tag`.
-
-    Accepts a string in any case ("gr1", "GR1", "EmbodimentTag.GR1", " Unitree_G1 "), a member of
-    `EmbodimentTag` or of any other enum whose value is a string (NVIDIA's `gr00t.data.embodiment_tags`), and
-    custom tags (returned lower-cased). Raises ValueError for anything else.
+    """Canonical lower-case tag for `tag` (the wire protocol's rule, `clients.protocol.canonical_tag`): a string in
+    any case ("gr1", "GR1", "EmbodimentTag.GR1", " Unitree_G1 "), a member of `EmbodimentTag` or of any other enum
+    whose value is a string (NVIDIA's `gr00t.data.embodiment_tags`), and custom tags. Raises ValueError otherwise.
     """
-    if isinstance(tag, enum.Enum):
-        tag = tag.value
-    if not isinstance(tag, str):
-        raise ValueError(f"embodiment tag: expected a string, got {type(tag).__name__} {tag!r:.60}")
-    text = tag.strip()
-    if "." in text and text.split(".", 1)[0].lower() == "embodimenttag":
-        text = text.split(".", 1)[1]
-    low = text.lower()
-    if low in _NAME_TO_VALUE:
-        return _NAME_TO_VALUE[low]
-    if not _TAG_RE.match(low):
-        raise ValueError(
-            f"embodiment tag: expected a name of letters, digits and _ . + - (e.g. {', '.join(KNOWN_TAGS[:4])}), "
-            f"got {tag!r:.60}"
-        )
-    return low
+    return canonical_tag(tag)
 
 
 def is_known_tag(tag: Any) -> bool:

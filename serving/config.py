@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from clients.protocol import PortProtocol, canonical_tag
+
 DEFAULT_CHECKPOINT_ROOT = "checkpoints"
 
 # Ray and Serve settings for the replicas of a fleet app: the `runtime_env.env_vars` of the application in
@@ -30,14 +32,6 @@ LOW_LATENCY_ENV_VARS: dict[str, str] = {
 }
 
 
-def canonical_tag(tag: str) -> str:
-    """Embodiment tags are case-insensitive (`GR1`, `EmbodimentTag.GR1` and `gr1` are one tag)."""
-    tag = tag.strip()
-    if tag.lower().startswith("embodimenttag."):
-        tag = tag.split(".", 1)[1]
-    return tag.lower()
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +42,15 @@ class PortConfig(_Strict):
     port: int = Field(ge=1, le=65535)
     embodiment: str
     api_token: str | None = Field(default=None, description="Overrides ingress.api_token on this port.")
+    protocol: Literal["auto", "n1.5"] = Field(
+        default="auto",
+        description="auto: N1.6, N1.7 and msgpack-numpy clients, each answered in its own array encoding; "
+        "n1.5: N1.5 clients, answered exactly as upstream's N1.5 server answered them.",
+    )
+
+    @property
+    def port_protocol(self) -> PortProtocol:
+        return PortProtocol(self.protocol)
 
     @field_validator("embodiment")
     @classmethod

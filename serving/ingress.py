@@ -2,7 +2,9 @@
 
 One ROUTER socket per configured port accepts any number of REQ robots; every request becomes an asyncio
 task, so robots are served concurrently, never one at a time. Every request is answered, the failing ones
-with `{"error": ...}` naming the fault. get_action requests go through the embodiment's micro-batcher (one
+with `{"error": message, "kind": kind}` naming the fault, and every reply goes back in the array encoding its
+request came in (N1.6 `.npy` or msgpack-numpy), since clients built on msgpack-numpy read nothing else. A port
+declared `protocol: n1.5` answers as upstream's N1.5 server did (`clients.protocol`). get_action requests go through the embodiment's micro-batcher (one
 Ray call per batch); the rare endpoints (reset, get_modality_config, info) call the policy directly.
 """
 
@@ -22,15 +24,20 @@ import zmq.auth
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from clients.codec import CodecError, DecodeLimits, packb, unpackb
+from clients.codec import CodecError, DecodeLimits, packb, unpackb_with_encoding
 from serving.batcher import EmbodimentBatcher
 from serving.config import LOW_LATENCY_ENV_VARS, AdmissionConfig, CurveConfig, IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.metrics import FleetMetrics, MetricsBuffer
 from serving.protocol import (
     UNAUTHORIZED,
+    ArrayEncoding,
+    ErrorKind,
+    PortProtocol,
     RequestError,
+    error_reply,
     format_action_reply,
+    modality_config_n15,
     parse_action_request,
     parse_envelope,
     parse_options,
@@ -86,10 +93,11 @@ def _rss_mb() -> float:
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
-    __slots__ = ("embodiment", "endpoint", "outcome")
+    __slots__ = ("embodiment", "endpoint", "outcome", "encoding")
 
     def __init__(self, embodiment: str):
         self.embodiment, self.endpoint, self.outcome = embodiment, "unknown", "ok"
+        self.encoding: ArrayEncoding | None = None  # of the request's arrays: the reply's goes the same way
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, num_replicas=1, max_ongoing_requests=100)
@@ -209,44 +217,47 @@ class ZmqIngress:
         try:
             reply = await self._respond(call, port, token, frames[-1].buffer, received)
         except RequestError as exc:
-            reply, call.outcome = {"error": str(exc)}, exc.kind
+            reply, call.outcome = error_reply(str(exc), exc.kind), exc.kind.value
         except Exception as exc:  # a bug of ours must still reach the robot as an answer
             logger.exception("Unexpected error answering a request on port %d", port.port)
-            reply, call.outcome = {"error": f"internal error: {type(exc).__name__}: {exc}"}, "internal"
+            reply = error_reply(f"internal error: {type(exc).__name__}: {exc}", ErrorKind.INTERNAL)
+            call.outcome = ErrorKind.INTERNAL.value
         try:
-            payload = packb(reply)
+            payload = packb(reply, call.encoding or ArrayEncoding.NPY)
         except Exception as exc:
-            payload, call.outcome = packb({"error": f"internal error: reply could not be encoded: {exc}"}), "internal"
+            payload = packb(error_reply(f"internal error: reply could not be encoded: {exc}", ErrorKind.INTERNAL))
+            call.outcome = ErrorKind.INTERNAL.value
         self._metrics.request(call.embodiment, call.endpoint, call.outcome)
         await sock.send_multipart([frames[0], b"", payload], copy=False)
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
         try:
-            msg = unpackb(body, limits=self._limits)
+            msg, call.encoding = unpackb_with_encoding(body, self._limits)
         except CodecError as exc:
             raise RequestError(f"request: {exc}") from None
         env = parse_envelope(msg)
         call.endpoint = env.endpoint
         if token is not None and not hmac.compare_digest((env.api_token or "").encode(), token.encode()):
-            raise RequestError(UNAUTHORIZED, "unauthorized")
+            raise RequestError(UNAUTHORIZED, ErrorKind.UNAUTHORIZED)
         tag = self.router.resolve(env.embodiment_tag or port.embodiment)
         call.embodiment = tag
         if env.endpoint == "get_action":
-            return await self._get_action(tag, env.data, received)
+            return await self._get_action(tag, env.data, received, port.port_protocol)
         if env.endpoint == "ping":
             return {"status": "ok", "message": "Server is running", "embodiment_tag": tag}
         if env.endpoint == "get_modality_config":
-            return await self._modality[tag].get()
+            configs = await self._modality[tag].get()
+            return modality_config_n15(configs) if port.port_protocol is PortProtocol.N15 else configs
         if env.endpoint == "reset":
             return await self.router.handle(tag).reset.remote(parse_options(env.data.get("options")))
         if env.endpoint == "info":
             return await self._info(port)
         if env.endpoint == "kill":
-            raise RequestError(KILL_REFUSED, "refused")
+            raise RequestError(KILL_REFUSED, ErrorKind.REFUSED)
         raise RequestError(f"endpoint: {env.endpoint!r} is not served")  # parse_envelope lets only known ones through
 
-    async def _get_action(self, tag: str, data: dict, received: float) -> Any:
-        req = parse_action_request(data)
+    async def _get_action(self, tag: str, data: dict, received: float, protocol: PortProtocol) -> Any:
+        req = parse_action_request(data, protocol)
         if not 1 <= req.samples <= self.config.max_batch_per_request:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
@@ -264,7 +275,7 @@ class ZmqIngress:
         )
         outcome = delivered.outcome
         if outcome.error is not None:
-            raise RequestError(outcome.error, outcome.error_kind or "policy")
+            raise RequestError(outcome.error, outcome.error_kind or ErrorKind.POLICY)
         total_ms = (time.time() - received) * 1000.0
         self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms)
         info = dict(outcome.info)
@@ -306,7 +317,8 @@ class ZmqIngress:
     async def __call__(self, request) -> dict[str, Any]:
         """HTTP status page (the Serve proxy's route): where robots connect and how the queues look."""
         return {
-            "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment} for p in self.config.ports],
+            "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment, "protocol": p.protocol}
+                      for p in self.config.ports],
             "embodiments": {tag: b.stats() for tag, b in self.batchers.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},

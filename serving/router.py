@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Generic, Mapping, TypeVar
 
-from serving.config import canonical_tag
-from serving.protocol import RequestError
+from clients.protocol import RequestError, canonical_tag
 
 H = TypeVar("H")
 
@@ -25,7 +24,10 @@ class EmbodimentRouter(Generic[H]):
 
     def resolve(self, tag: str) -> str:
         """The canonical served tag for `tag`, or a RequestError listing the served tags."""
-        key = canonical_tag(tag)
+        try:
+            key = canonical_tag(tag)
+        except ValueError as exc:
+            raise RequestError(f"embodiment_tag: {exc}") from None
         if key not in self._handles:
             raise RequestError(f"embodiment_tag: {tag!r:.60} is not served here; served: {', '.join(self.tags)}")
         return key
