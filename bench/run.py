@@ -2,7 +2,7 @@
 
 In ONE run, on the same model and machine, for each preset and robot count:
   served    the Ray Serve application exactly as `make serve` starts it (`serve run` of serve_config.yaml, with
-            the preset's checkpoint, device, torch_threads and free ports substituted), driven by clients.fleet;
+            the preset's checkpoint, device, torch_threads and free ports substituted), driven by bench.fleet;
             under autoscaling, each point first drives the load until the replica count settles;
   serial    the REFERENCE: bench/serial_server.py, one REP socket, one request at a time, the same policy
             in-process (what upstream GR00T's PolicyServer does), in its own process, driven the same way; on
@@ -449,7 +449,7 @@ def settle_replicas(plan: Plan, targets: list, robots: int, app_name: str) -> di
     """Under autoscaling, drive `robots` until the driven deployment's replica count stops changing: every
     replica process answers, and as many did in the previous stretch. The measured window then sees the
     replicas this load gets, not the scale-up. Bounded by plan.settle_max_s."""
-    from clients.fleet import run_fleet_sync
+    from bench.fleet import run_fleet_sync
 
     start, previous, stretches = time.monotonic(), None, 0
     while True:
@@ -469,7 +469,7 @@ def settle_replicas(plan: Plan, targets: list, robots: int, app_name: str) -> di
 def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[dict] | None,
           profile_pids: dict[str, int] | None = None, results_dir: Path | None = None, stamp: str = "",
           settle_app: str | None = None) -> list[dict]:
-    from clients.fleet import _Progress, run_fleet_sync
+    from bench.fleet import _Progress, run_fleet_sync
 
     out = []
     for n in plan.robots_by_preset.get(preset, plan.robots):
@@ -553,7 +553,7 @@ class ServeRun:
         self.log_path = log_path
 
     def wait_ready(self, target: str, timeout_s: float = 600.0) -> None:
-        from clients.fleet import fetch_info
+        from bench.fleet import fetch_info
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -733,7 +733,7 @@ def print_tables(results: dict[str, Any]) -> None:
 
 
 def make_plots(results: dict[str, Any], stamp: str) -> list[str]:
-    from clients.fleet import FleetReport, plot_report, plot_sweep
+    from bench.fleet import FleetReport, plot_report, plot_sweep
 
     def as_report(doc: dict) -> FleetReport:
         fields = {k: v for k, v in doc.items() if k in FleetReport.__dataclass_fields__}

@@ -8,7 +8,7 @@ fleetserve, so the only difference the benchmark sees is the serving
 architecture: no concurrency, no batching across robots.
 
 Endpoints: ping, get_action ([action, info], with info["server"] as fleetserve reports it, batch_size = the
-request's own B), reset, get_modality_config, info (fleetserve's shape, so `clients.fleet` can drive it) and
+request's own B), reset, get_modality_config, info (fleetserve's shape, so `bench.fleet` can drive it) and
 kill (stops the server, as upstream).
 
     python -m bench.serial_server --checkpoint checkpoints/bench-small --embodiment gr1 --port 5555 --torch-threads 2

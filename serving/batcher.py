@@ -1,6 +1,6 @@
 """Micro-batching in the ingress: concurrent robots of one embodiment share ONE Ray call.
 
-A Ray call per request costs more than a small model's forward pass on a small machine (DESIGN.md: 269 vs
+A Ray call per request costs more than a small model's forward pass on a small machine (BENCHMARKS.md: 269 vs
 1948 req/s for 32 robots), so requests queue here per embodiment and leave in batches: as many samples as
 are waiting, up to `max_batch_size`, after at most `batch_wait_ms` (no wait at all when nothing of this
 embodiment is in flight: an idle replica should start at once). At most `max_inflight` batches travel at

@@ -1,6 +1,6 @@
 """A bounded closed-loop fleet of robot threads (one `PolicyClient` each), for tests that need load they can stop.
 
-`clients.fleet.run_fleet` runs for a fixed duration; the autoscaling and multi-node tests need load that
+`bench.fleet.run_fleet` runs for a fixed duration; the autoscaling and multi-node tests need load that
 runs until a condition is met (a scale-up, a node removed and recovered) and then stops, while recording
 which replica answered each request and every error by kind. Each robot stops at `stop()`, after
 `max_requests`, or at `max_seconds`, whichever comes first: nothing here can run unbounded.

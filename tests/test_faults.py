@@ -24,7 +24,7 @@ from ray import serve
 
 from clients import PolicyClient, PolicyServerError, PolicyTimeoutError, packb, unpackb
 from clients.observations import random_observation
-from clients.soak import kill_one_replica, policy_replicas, run_soak
+from bench.soak import kill_one_replica, policy_replicas, run_soak
 from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
 
 APP = "faults-test"

@@ -1,4 +1,4 @@
-"""The fleet load generator (clients/fleet.py) against the serial reference server (bench/serial_server.py).
+"""The fleet load generator (bench/fleet.py) against the serial reference server (bench/serial_server.py).
 
 Real ZMQ on 127.0.0.1, the tiny demo model, no Ray.
 """
@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from clients import PolicyClient, PolicyServerError, packb, unpackb
-from clients.fleet import FleetReport, Target, build_parser, fetch_info, parse_target, plot_report, run_fleet_sync
+from bench.fleet import FleetReport, Target, build_parser, fetch_info, parse_target, plot_report, run_fleet_sync
 from clients.observations import random_observation
 from conftest import free_port
 
@@ -38,9 +38,9 @@ def serial_server(tiny_checkpoint):
     torch.set_num_threads(threads)
 
 
-def test_clients_package_imports_without_matplotlib_torch_or_ray():
+def test_fleet_tool_imports_without_matplotlib_torch_or_ray():
     code = (
-        "import sys; import clients.fleet, clients; "
+        "import sys; import bench.fleet, clients; "
         "bad = [m for m in ('matplotlib', 'torch', 'ray') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -124,7 +124,7 @@ def test_fleet_duration_warmup_and_batch(serial_server):
 def test_fleet_cli_writes_json_and_plot(serial_server, tmp_path):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.fleet", "--ports", str(serial_server.port), "--robots", "3", "--requests", "12",
+        [sys.executable, "-m", "bench.fleet", "--ports", str(serial_server.port), "--robots", "3", "--requests", "12",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=120,
     )

@@ -1,6 +1,6 @@
 """Fuzzing a REAL served fleet: over 10,000 hostile messages while good robots keep being served.
 
-The messages come from `clients.hostile` (the generator `python -m clients.soak` mixes in too): random bytes,
+The messages come from `bench.hostile` (the generator `python -m bench.soak` mixes in too): random bytes,
 truncated msgpack, wrong types at every level of the envelope and the observation, huge declared shapes,
 shape/data mismatches, object dtypes and pickled .npy, non-UTF-8 strings, NaN/Inf states, disagreeing batch
 sizes, B above the cap, unknown endpoints, missing fields, bad embodiment tags, ... Every one must be answered
@@ -21,7 +21,7 @@ import zmq
 from ray import serve
 
 from clients import PolicyClient, packb, unpackb
-from clients.hostile import CATEGORIES, Hostile, HostileGenerator
+from bench.hostile import CATEGORIES, Hostile, HostileGenerator
 from clients.observations import random_observation
 from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
 

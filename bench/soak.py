@@ -1,11 +1,11 @@
-"""`python -m clients.soak`: robots, hostile robots and crashing replicas, for minutes; nothing may be lost.
+"""`python -m bench.soak`: robots, hostile robots and crashing replicas, for minutes; nothing may be lost.
 
-    python -m clients.soak --target 127.0.0.1:5555 --target 127.0.0.1:5556 --robots 16 --duration 60 \\
+    python -m bench.soak --target 127.0.0.1:5555 --target 127.0.0.1:5556 --robots 16 --duration 60 \\
         --hostile-rate 0.1 --kill-replicas-every 15 --app fleet --json soak.json
 
 N robots (one thread and one REQ socket each) send `get_action` for `--duration` seconds, closed loop, with
 valid observations shaped from the server's `info` reply. A fraction `--hostile-rate` of the messages are
-hostile instead (from `clients.hostile`, the generator the fuzz test uses). With `--kill-replicas-every S`,
+hostile instead (from `bench.hostile`, the generator the fuzz test uses). With `--kill-replicas-every S`,
 every S seconds one policy replica of `--app` is killed with `ray.kill` (found among Ray's named actors,
 `SERVE_REPLICA::<app>#<deployment>#<id>` in namespace "serve"; the ingress is spared); Ray is imported only
 in that mode, and joined at `--ray-address` (default: the running local cluster).
@@ -33,10 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from .client import PolicyClient, PolicyServerError
-from .codec import CodecError, unpackb
-from .fleet import Target, build_payloads, parse_target
-from .hostile import HostileGenerator
+from clients.client import PolicyClient, PolicyServerError
+from clients.codec import CodecError, unpackb
+from bench.fleet import Target, build_payloads, parse_target
+from bench.hostile import HostileGenerator
 
 __all__ = ["SoakReport", "run_soak", "error_kind", "policy_replicas", "kill_one_replica", "main"]
 
@@ -491,7 +491,7 @@ def run_soak(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", required=True, help="host:port (repeatable); host:port/tag routes by tag")
     parser.add_argument("--robots", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")

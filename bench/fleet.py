@@ -1,4 +1,4 @@
-"""`python -m clients.fleet`: a fleet of simulated robots hammering policy servers, and a report.
+"""`python -m bench.fleet`: a fleet of simulated robots hammering policy servers, and a report.
 
 Hundreds of robots run in ONE process (asyncio + zmq.asyncio, one REQ socket each, no thread per robot);
 `--processes K` spreads them over K processes when one event loop becomes the bottleneck. Each robot sends
@@ -7,9 +7,9 @@ server answers (default) or at `--rate HZ`, and records the latency and `info["s
 every reply. Any server speaking the GR00T ZMQ protocol and answering `info` works: fleetserve, or
 `bench/serial_server.py` (the upstream-shaped reference).
 
-    python -m clients.fleet --ports 5555,5556 --robots 64 --duration 30 --plot fleet.png --json fleet.json
-    python -m clients.fleet --target 10.0.0.5:5555 --robots 200 --rate 10 --processes 2 --duration 60
-    python -m clients.fleet --ports 5555 --sweep 1,4,16,64 --duration 20 --plot sweep.png
+    python -m bench.fleet --ports 5555,5556 --robots 64 --duration 30 --plot fleet.png --json fleet.json
+    python -m bench.fleet --target 10.0.0.5:5555 --robots 200 --rate 10 --processes 2 --duration 60
+    python -m bench.fleet --ports 5555 --sweep 1,4,16,64 --duration 20 --plot sweep.png
 
 Accounting: nothing is dropped silently. `sent == answered + errors + in_flight_at_stop` over the whole run.
 A robot whose request times out counts a `timeout` error and rebuilds its socket (a REQ socket is stuck
@@ -38,8 +38,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from .codec import CodecError, packb, unpackb
-from .observations import random_observation
+from clients.codec import CodecError, packb, unpackb
+from clients.observations import random_observation
 
 __all__ = [
     "FleetReport",
@@ -880,7 +880,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m clients.fleet",
+        prog="python -m bench.fleet",
         description="Simulated robot fleet: N REQ robots send get_action to GR00T-protocol servers and report "
         "throughput, latency percentiles, errors and the server's batch sizes.",
     )

@@ -1,6 +1,6 @@
 """Hostile requests: what a buggy, outdated or malicious robot may send to a GR00T policy server.
 
-One generator feeds both the fuzz test (tests/test_fuzz.py) and the soak run (`python -m clients.soak`).
+One generator feeds both the fuzz test (tests/test_fuzz.py) and the soak run (`python -m bench.soak`).
 Every message it makes must be answered `{"error": ...}`; `Hostile.expect` says what that error must name
 where it can be predicted (the faulty field, the kind of fault), so a reply like "internal error" or a
 message that names the wrong field is caught too.
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from .codec import packb
+from clients.codec import packb
 
 __all__ = ["Hostile", "HostileGenerator", "CATEGORIES", "check_error_reply"]
 
@@ -640,7 +640,7 @@ class HostileGenerator:
         return [self.next() for _ in range(n)]
 
 
-def _self_check() -> None:  # pragma: no cover - `python -m clients.hostile` prints a sample
+def _self_check() -> None:  # pragma: no cover - `python -m bench.hostile` prints a sample
     emb = {
         "video_keys": ["ego_view"],
         "state_dims": {"left_arm": 7},
