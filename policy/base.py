@@ -3,7 +3,7 @@
 `BasePolicy` follows upstream GR00T's `BasePolicy` / `Gr00tPolicy` (`get_action`, `get_modality_config`,
 `reset`, strict input / output checks) and adds `get_actions`: many requests, ONE forward pass.
 
-Observation (nested form, as GR00T N1.6):
+Observation (the nested form of `clients.protocol`; the ingress converts the flat and N1.5 forms to it):
     {"video": {cam: uint8 (B, T_v, H, W, 3)}, "state": {key: float32 (B, T_s, D)},
      "language": {key: [[str]] * B}}            # also [str] * B or a tuple
 An "action" modality in the observation is ignored (the N1.6 tutorial sends one).
@@ -22,9 +22,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from clients.modality import ModalityConfig
+from clients.protocol import MODALITIES as _TOP_LEVEL  # the nested observation form, as the wire protocol defines it
 
 DEFAULT_MAX_BATCH_PER_REQUEST = 64
-_TOP_LEVEL = ("video", "state", "language")
 
 
 class PolicyInputError(ValueError):
