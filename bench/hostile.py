@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from clients.codec import packb
+from clients.protocol import ERROR_KINDS, ErrorKind
 
 __all__ = ["Hostile", "HostileGenerator", "CATEGORIES", "check_error_reply"]
 
@@ -44,14 +45,18 @@ class Hostile:
 
 
 def check_error_reply(reply: Any, expect: Expect) -> str | None:
-    """None when `reply` is `{"error": text}` and `text` matches `expect`; otherwise what is wrong."""
+    """None when `reply` is `{"error": text, "kind": kind}` (kind optional: upstream servers send none) and `text`
+    matches `expect`; otherwise what is wrong."""
     if not isinstance(reply, dict) or "error" not in reply:
         return f"expected an error reply, got {type(reply).__name__} {str(reply)[:120]}"
     text = reply["error"]
     if not isinstance(text, str) or not text:
         return f"expected an error message, got {text!r:.80}"
+    kind = reply.get("kind")
+    if kind is not None and kind not in ERROR_KINDS:
+        return f"unknown error kind {kind!r:.40}; expected one of {', '.join(ERROR_KINDS)}"
     low = text.lower()
-    if low.startswith("internal error"):
+    if kind == ErrorKind.INTERNAL.value or low.startswith("internal error"):
         return f"the server failed internally instead of naming the fault: {text[:200]}"
     for group in expect:
         options = group if isinstance(group, tuple) else (group,)

@@ -93,8 +93,8 @@ class SerialServer:
         if env.embodiment_tag is not None:
             try:
                 served = canonical_tag(env.embodiment_tag) == self.tag
-            except ValueError as exc:
-                raise RequestError(f"embodiment_tag: {exc}") from None
+            except ValueError:
+                served = False  # not even a tag name
             if not served:
                 raise RequestError(f"embodiment_tag: {env.embodiment_tag!r:.60} is not served here; served: {self.tag}")
         if env.endpoint == "get_action":

@@ -1,4 +1,5 @@
-"""What a robot installs: the GR00T-compatible policy client and wire codec (numpy, pyzmq, msgpack only)."""
+"""What a robot installs (`pip install ./clients`; numpy, pyzmq, msgpack only): the GR00T-compatible policy client,
+the wire protocol (`clients.protocol`) and its codec (`clients.codec`)."""
 
 from .client import PolicyClient, PolicyServerError, PolicyTimeoutError, check_observation
 from .codec import CodecError, DecodeLimits, packb, unpackb

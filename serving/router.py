@@ -26,8 +26,11 @@ class EmbodimentRouter(Generic[H]):
         """The canonical served tag for `tag`, or a RequestError listing the served tags."""
         try:
             key = canonical_tag(tag)
-        except ValueError as exc:
-            raise RequestError(f"embodiment_tag: {exc}") from None
+        except ValueError:
+            raise RequestError(
+                f"embodiment_tag: {tag!r:.60} is not served here (not a tag name: letters, digits and _ . + -); "
+                f"served: {', '.join(self.tags)}"
+            ) from None
         if key not in self._handles:
             raise RequestError(f"embodiment_tag: {tag!r:.60} is not served here; served: {', '.join(self.tags)}")
         return key
