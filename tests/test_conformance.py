@@ -49,7 +49,7 @@ COMPATIBILITY = [
      "as N1.6, replies in msgpack-numpy form", ["test_n16_n17_clients"]),
     ("upstream N1.7 client (msgpack-numpy codec)", "N1.7", "flat", "`auto`", "get_action -> [{`action.<key>`}, info]",
      ["test_n16_n17_clients"]),
-    ("`inspect-robots-unitree-g1` 0.1.1 (PyPI)", "msgpack-numpy only", "nested, unitree_g1", "`auto`",
+    ("`inspect-robots-unitree-g1` 0.1.1 (PyPI)", "msgpack-numpy only", "nested, unitree_g1 (one camera, `ego_view`)", "`auto`",
      "`Gr00tPolicy.act()` -> 16-step chunk of 16-D actions; server errors raise", ["test_inspect_robots_unitree_g1"]),
     ("`clients.PolicyClient` (ours)", "N1.6 wire", "nested and flat", "`auto`",
      "every endpoint and `info`; errors raise `PolicyServerError` with `.kind`", ["test_our_client"]),
