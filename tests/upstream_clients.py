@@ -143,7 +143,8 @@ class N16ModalityConfig:
 class N16Client(_ReqClient):
     """N1.6's `gr00t.policy.server_client.PolicyClient`.
 
-    Read from NVIDIA/Isaac-GR00T gr00t/policy/server_client.py @ 38624dff3f88a4a4596f8c78475abcb8b92e24aa.
+    Read from NVIDIA/Isaac-GR00T gr00t/policy/server_client.py @ 38624dff3f88a4a4596f8c78475abcb8b92e24aa (the
+    client is the same in @ ade260e6d08b629dad7cea33910113efc2e6752a, 2026).
     - request `{"endpoint", "data": {"observation", "options"}, "api_token"}`; arrays as `.npy` bytes;
     - decode hook: `__ModalityConfig_class__` -> `ModalityConfig(**as_json)` (a map), `__ndarray_class__` ->
       `np.load(..., allow_pickle=False)`; a raw b"ERROR" reply raises;
@@ -207,8 +208,9 @@ class N16Client(_ReqClient):
 class N17Client(N16Client):
     """N1.7's PolicyClient: N1.6's client with the msgpack-numpy codec.
 
-    The stored index of NVIDIA/Isaac-GR00T holds only the N1.6 gr00t/policy/server_client.py (commit above); the
-    N1.7 differences are taken from public descriptions of N1.7's MsgSerializer: arrays are written by the real
+    The versions of NVIDIA/Isaac-GR00T gr00t/policy/server_client.py that could be read here (38624dff, ade260e6)
+    still write `.npy`; the N1.7 differences are taken from public descriptions of N1.7's MsgSerializer and of
+    clients ported from it (no N1.7 commit could be read, so none is cited): arrays are written by the real
     `msgpack_numpy.encode` (`{b"nd", b"type", b"kind", b"shape", b"data"}`, bytes keys), replies are read with
     `msgpack_numpy.decode` and also in the N1.6 `.npy` form, and ModalityConfig comes as `__ModalityConfig__`
     (or N1.6's `__ModalityConfig_class__`) with `as_json` a map. Same envelope, error check and socket as N1.6.
