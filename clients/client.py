@@ -113,6 +113,7 @@ class PolicyClient:
         client_keys: tuple[str | bytes, str | bytes] | None = None,
         *,
         context: zmq.Context | None = None,
+        model_id: str | None = None,
     ) -> None:
         self._socket: zmq.Socket | None = None
         self._closed = False
@@ -122,6 +123,7 @@ class PolicyClient:
         self.api_token = api_token
         self.strict = strict
         self.embodiment_tag = embodiment_tag
+        self.model_id = model_id  # fleetserve: which fine-tune of the embodiment answers (None: the port's default)
         self._ipv6 = ":" in host
         self._address = f"tcp://[{host.strip('[]')}]:{port}" if self._ipv6 else f"tcp://{host}:{port}"
         self._curve: tuple[bytes, bytes, bytes] | None = None
@@ -221,6 +223,8 @@ class PolicyClient:
             request["api_token"] = self.api_token
         if self.embodiment_tag is not None:
             request["embodiment_tag"] = self.embodiment_tag
+        if self.model_id is not None:
+            request["model_id"] = self.model_id
         reply = unpackb(self._roundtrip(packb(request)))
         if isinstance(reply, dict) and "error" in reply:
             raise PolicyServerError(str(reply["error"]))

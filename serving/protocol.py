@@ -44,6 +44,7 @@ class Envelope:
     data: dict[str, Any]
     api_token: str | None
     embodiment_tag: str | None
+    model_id: str | None = None  # ours, like embodiment_tag: which fine-tune of the embodiment answers
 
 
 def _optional_str(msg: dict, key: str) -> str | None:
@@ -66,7 +67,9 @@ def parse_envelope(msg: Any) -> Envelope:
         data = {}
     if not isinstance(data, dict):
         raise RequestError(f"data: expected a map, got {type(data).__name__}")
-    return Envelope(endpoint, data, _optional_str(msg, "api_token"), _optional_str(msg, "embodiment_tag"))
+    return Envelope(
+        endpoint, data, _optional_str(msg, "api_token"), _optional_str(msg, "embodiment_tag"), _optional_str(msg, "model_id")
+    )
 
 
 def parse_options(value: Any) -> dict[str, Any] | None:
