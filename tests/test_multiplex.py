@@ -35,6 +35,7 @@ def build_fine_tune(root: Path, seed: int) -> Path:
 class Fleet:
     app: dict
     port: int
+    ft2_port: int  # a second gr1 port whose default model is ft2
     root: Path
     info: dict
     expected: dict[str, dict]  # model -> the action its checkpoint gives in-process for `obs`
@@ -68,12 +69,14 @@ def fleet(ray_session, tiny_checkpoint, tmp_path_factory):
                     embodiments={"gr1": {"models": models, "max_models_per_replica": 2}},
                     deployments={"gr1": {"num_replicas": 1}})
     app["args"]["checkpoint_root"] = str(root)
+    ft2_port = free_port()
+    app["args"]["ingress"]["ports"].append({"port": ft2_port, "embodiment": "gr1", "model": "ft2"})
     deploy_config([app])
     with PolicyClient("127.0.0.1", port, timeout_ms=120_000) as c:
         info = c.info()
     obs = random_observation(info["embodiments"]["gr1"], 1, rng=np.random.default_rng(3))
     expected = in_process_actions({"default": Path(tiny_checkpoint), **paths}, obs)
-    yield Fleet(app, port, root, info, expected, obs)
+    yield Fleet(app, port, ft2_port, root, info, expected, obs)
     serve.delete(APP)
 
 
@@ -103,6 +106,16 @@ def test_each_request_is_answered_by_the_weights_it_asked_for(fleet):
             action, _ = c.get_action(fleet.obs, dict(SEED))
             assert set(c.get_modality_config()) == {"video", "state", "action", "language"}
         assert_same(action, fleet.expected[name], f"client model_id={name}")
+
+
+def test_a_port_default_model_answers_requests_that_name_none(fleet):
+    with PolicyClient("127.0.0.1", fleet.ft2_port, timeout_ms=120_000) as c:
+        assert c.info()["default_model"] == "ft2"
+        action, info = c.get_action(fleet.obs, dict(SEED))
+        assert info["server"]["model_id"] == "ft2"
+        assert_same(action, fleet.expected["ft2"], "port default ft2")
+        action, _ = c.get_action(fleet.obs, {**SEED, "model_id": "default"})  # a request's choice wins
+        assert_same(action, fleet.expected["default"], "default named on the ft2 port")
 
 
 def test_many_robots_churning_models_each_get_their_own(fleet):
@@ -135,6 +148,26 @@ def test_least_recently_used_fine_tune_is_evicted(fleet):
         for name in ["ft1", "ft2", "ft1", "ft3"]:  # ft2 is now the least recently used of two slots
             c.get_action(fleet.obs, {**SEED, "model_id": name})
     assert fleet.resident() == ["default", "ft1", "ft3"]
+
+
+def test_model_metrics_reach_prometheus(fleet, metrics_port):
+    from test_metrics import EXPORT_DEADLINE_S, scrape, total
+
+    app = {"application": APP, "embodiment": "gr1"}
+
+    def exported():
+        s = scrape(metrics_port)
+        got = {
+            "requests_ft1": total(s, "ray_fleetserve_model_requests_total", model="ft1", outcome="ok", **app),
+            "loads_ft3": total(s, "ray_fleetserve_model_loads_total", model="ft3", outcome="ok", **app),
+            "evictions": total(s, "ray_fleetserve_model_evictions_total", **app),
+            "load_ms": total(s, "ray_fleetserve_model_load_ms_count", preset="checkpoint", **app),
+            "resident": total(s, "ray_fleetserve_models_resident", **app),
+        }
+        return got if all(v for v in got.values()) else None
+
+    got = wait_for(exported, EXPORT_DEADLINE_S, "the model metrics on Ray's Prometheus endpoint")
+    assert got["resident"] <= 2  # max_models_per_replica
 
 
 def test_broken_model_fails_only_its_own_requests(fleet):
