@@ -136,6 +136,8 @@ class ZmqIngress:
             tag: {DEFAULT_MODEL, *(models or {}).get(tag, [])} for tag, _ in self.router.items()
         }
         self._models_checked: dict[str, float] = {}
+        # (tag, model) -> [requests sent, requests that waited on a cold load]: the status page's cold-load rate
+        self._model_counts: dict[tuple[str, str], list[int]] = {}
         self._resident: dict[str, dict[str, list[str]]] = {tag: {} for tag, _ in self.router.items()}
         for tag, handle in self.router.items():
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
@@ -173,6 +175,10 @@ class ZmqIngress:
                 reply = await handle.infer.remote(reqs)
                 if reply.models_resident:
                     self._resident[tag][reply.replica] = reply.models_resident
+                counts = self._model_counts.setdefault(key, [0, 0])
+                counts[0] += len(reqs)
+                if reply.cold_load_ms:
+                    counts[1] += len(reqs)
                 return reply
 
             # Batching starts at the defaults and follows each replica's live user_config from its first reply.
@@ -407,6 +413,8 @@ class ZmqIngress:
         return {
             "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment} for p in self.config.ports],
             "embodiments": {b.tag: b.stats() for b in self.batchers.values()},
+            "models": {f"{tag}/{model}": {"requests": n, "cold_load_requests": cold}
+                       for (tag, model), (n, cold) in self._model_counts.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},
             "rss_mb": _rss_mb(),

@@ -36,3 +36,4 @@ class BatchReply:
     timings: list[dict[str, float]] = field(default_factory=list)  # per outcome: forward_start (epoch s), infer_ms, batch_size
     # Models loaded on this replica now, least recently used first: the ingress's `info` says where each one is.
     models_resident: list[str] = field(default_factory=list)
+    cold_load_ms: float = 0.0  # > 0: this call waited for its model to load on the replica (that long)

@@ -143,6 +143,7 @@ class PolicyDeployment:
         self._models: dict[str, ModelSource] = dict(self._base_models)  # the live set, see reconfigure()
         self._resident: dict[str, _LoadedModel] = {}
         self._failures: dict[str, tuple[float, Exception]] = {}
+        self._loads: dict[str, int] = {}  # completed loads per model on this replica
         self._metrics = ModelMetrics()
         self._cold_load_ms: dict[str, float] = {DEFAULT_MODEL: (time.perf_counter() - t0) * 1000.0}
         self._max_models = max_models_per_replica
@@ -200,6 +201,7 @@ class PolicyDeployment:
             raise
         self._failures.pop(name, None)
         self._cold_load_ms[name] = load_ms
+        self._loads[name] = self._loads.get(name, 0) + 1
         loaded = _LoadedModel(name, source, policy, load_ms, self._evicted)
         self._resident[name] = loaded
         self._metrics.load(self.tag, name, "ok", load_ms, self._preset(source))
@@ -257,13 +259,17 @@ class PolicyDeployment:
 
     async def infer(self, requests: list[InferenceRequest]) -> BatchReply:
         name = serve.get_multiplexed_model_id()
+        loads_before = self._loads.get(name, 0)
         try:
             policy = await self._policy_for(name)
         except UnknownModel as exc:
             return self._refused(requests, str(exc), "bad_request")
         except Exception as exc:  # this model's requests fail with the loader's error; the others go on
             return self._refused(requests, f"model {name!r} failed to load: {type(exc).__name__}: {exc}", "policy")
-        return await self._merge(policy, requests)
+        reply = await self._merge(policy, requests)
+        if self._loads.get(name, 0) != loads_before:  # this call waited on a cold load of its model
+            reply.cold_load_ms = self._cold_load_ms.get(name, 0.0)
+        return reply
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _merge(self, policies: list[Any], calls: list[list[InferenceRequest]]) -> list[BatchReply]:

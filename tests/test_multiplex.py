@@ -17,7 +17,7 @@ from ray import serve
 
 from clients import PolicyClient, PolicyServerError
 from clients.observations import random_observation
-from conftest import app_entry, deploy_config, free_port, wait_for
+from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
 from serving.config import FleetArgs
 
 APP = "multiplex-test"
@@ -141,6 +141,10 @@ def test_many_robots_churning_models_each_get_their_own(fleet):
         t.join(timeout=600)
     assert not any(t.is_alive() for t in threads), "a robot never finished"
     assert not errors, errors[:3]
+    counts = ingress_status(APP)["models"]
+    # Three fine-tunes through two slots: some requests waited on a reload (the churn the test is about).
+    assert sum(counts[f"gr1/{n}"]["cold_load_requests"] for n in ("ft1", "ft2", "ft3")) > 3, counts
+    assert counts["gr1/default"]["cold_load_requests"] == 0, counts  # the default model is never evicted
 
 
 def test_least_recently_used_fine_tune_is_evicted(fleet):
