@@ -141,7 +141,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class ModelSource(_Strict):
     """One fine-tune of an embodiment: a checkpoint directory, or a demo checkpoint built offline from a seed."""
 
-    checkpoint: str | None = Field(default=None, description="Checkpoint directory (relative: against checkpoint_root's parent, the working directory).")
+    checkpoint: str | None = Field(default=None, description="Checkpoint directory (relative: against the working directory of `serve run`).")
     demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
         default=None, description="Build a demo checkpoint of this preset (at <checkpoint_root>/<preset>-<tag>-seed<N>) where `checkpoint` is missing."
     )
