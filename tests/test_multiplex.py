@@ -238,3 +238,23 @@ def test_model_of_another_layout_is_a_config_error(tiny_checkpoint, tmp_path):
     args["embodiments"]["gr1"]["models"] = {"ft": {"checkpoint": str(tmp_path / "relayout")}}
     with pytest.raises(ValidationError, match=r"embodiments.gr1.models.ft: its 'state' modality layout differs"):
         FleetArgs.model_validate(args)
+
+
+def test_user_config_carries_the_live_model_set():
+    from serving.config import PolicyUserConfig
+
+    cfg = PolicyUserConfig(max_batch_size=8, models={"ft": {"demo_preset": "tiny", "demo_seed": 5}})
+    assert cfg.batching().max_batch_size == 8 and cfg.models["ft"].demo_seed == 5
+    assert PolicyUserConfig(max_batch_size=8).models is None  # the args' models stay in force
+    with pytest.raises(ValidationError, match="'default' is the embodiment's own"):
+        PolicyUserConfig(models={"default": {"demo_preset": "tiny"}})
+
+
+def test_demo_fine_tunes_live_beside_the_default_under_checkpoint_root(tmp_path):
+    args = FleetArgs.model_validate({
+        "checkpoint_root": str(tmp_path), "ingress": {"ports": [{"port": 5555, "embodiment": "gr1"}]},
+        "embodiments": {"gr1": {"demo_preset": "tiny", "models": {"a": {"demo_preset": "tiny", "demo_seed": 7}}}}})
+    sources = args.model_sources("gr1")
+    assert list(sources) == ["default", "a"]
+    assert sources["default"].checkpoint == str(tmp_path / "tiny-gr1")
+    assert sources["a"].checkpoint == str(tmp_path / "tiny-gr1-seed7")
