@@ -34,6 +34,8 @@ import numpy as np
 from bench.run import CACHE, RESULTS, ServeRun, free_port, log, machine_info, replica_processes
 
 POLICY = "gr1"
+# Logical Ray CPUs kept for the ingresses (one per app); the rest is divided among the policy replicas.
+INGRESS_CPUS = 0.5
 
 
 def fine_tunes(preset: str, count: int) -> list[Path]:
@@ -59,7 +61,7 @@ def _app(name: str, port: int, embodiment: dict[str, Any], policy: dict[str, Any
         "args": {"ingress": {"host": "127.0.0.1", "ports": [{"port": port, "embodiment": POLICY}],
                              "request_timeout_ms": 120_000},
                  "embodiments": {POLICY: embodiment}},
-        "deployments": [{"name": POLICY, **policy}, {"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}}],
+        "deployments": [{"name": POLICY, **policy}, {"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.01}}],
     }
 
 
@@ -70,12 +72,13 @@ def _actor_options(cpus: float, gpus: float) -> dict[str, Any]:
 def pooled_config(paths: list[Path], args) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     """One app: fine-tune 0 is the default model, the rest are multiplexed. Returns (config, route per rank)."""
     port = free_port()
-    threads = max(1, args.cores // args.replicas)
+    threads = max(1, args.cores // args.replicas)  # torch threads: the same cores as the dedicated layout
     embodiment = {"checkpoint": str(paths[0]), "device": args.device, "torch_threads": threads,
                   "models": {f"ft{i}": {"checkpoint": str(p)} for i, p in enumerate(paths) if i},
                   "max_models_per_replica": args.max_models}
     gpus = 1.0 / args.replicas if args.device.startswith("cuda") else 0
-    policy = {"num_replicas": args.replicas, "ray_actor_options": _actor_options(args.cores / args.replicas, gpus)}
+    policy = {"num_replicas": args.replicas,
+              "ray_actor_options": _actor_options((args.cores - INGRESS_CPUS) / args.replicas, gpus)}
     config = {"http_options": {"host": "127.0.0.1", "port": free_port()},
               "applications": [_app("mux-pooled", port, embodiment, policy)]}
     routes = [(port, "default" if i == 0 else f"ft{i}") for i in range(len(paths))]
@@ -85,7 +88,7 @@ def pooled_config(paths: list[Path], args) -> tuple[dict[str, Any], list[tuple[i
 def dedicated_config(paths: list[Path], args) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     """One app (ingress + one policy replica) per fine-tune, the cores divided among them."""
     apps, routes = [], []
-    share = args.cores / len(paths)
+    share = (args.cores - INGRESS_CPUS) / len(paths)
     gpus = 1.0 / len(paths) if args.device.startswith("cuda") else 0
     for i, path in enumerate(paths):
         port = free_port()
