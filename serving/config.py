@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -312,47 +313,52 @@ def resolve_model_source(src: ModelSource, tag: str, checkpoint_root: str) -> Mo
     return src.model_copy(update={"checkpoint": str(path.resolve())})
 
 
-def _modality_layout(tag: str, source: ModelSource) -> tuple[dict[str, Any], str] | None:
-    """The modality configs (JSON form) `source` serves `tag` with, and where they come from; None while a demo
-    checkpoint is not built yet and its preset is unknown. Reads JSON only: no torch in the config check."""
+@dataclass
+class _Layout:
+    """What a model's checkpoint says about one tag, read from JSON only (no torch in the config check)."""
+
+    where: str  # the file (or demo layout) it comes from
+    held_tags: list[str]  # the tags the checkpoint holds
+    modality_configs: dict[str, Any] | None  # JSON form; None when the checkpoint does not hold the tag
+
+
+def _read_layout(tag: str, source: ModelSource) -> _Layout | None:
+    """None for a checkpoint not built yet with no demo preset: the replica's loader reports it, naming the path."""
     from policy.checkpoint import PROCESSOR_CONFIG_FILE, read_json
 
-    assert source.checkpoint is not None
-    path = Path(source.checkpoint)
+    path = Path(source.checkpoint or "")
     if (path / PROCESSOR_CONFIG_FILE).is_file():
+        where = str(path / PROCESSOR_CONFIG_FILE)
         try:
             embodiments = read_json(path / PROCESSOR_CONFIG_FILE).get("embodiments", {})
         except (ValueError, AttributeError) as exc:
-            raise ValueError(f"cannot read {path / PROCESSOR_CONFIG_FILE}: {exc}") from None
-        where = str(path / PROCESSOR_CONFIG_FILE)
-        if tag not in embodiments:
-            return {"tags": sorted(embodiments)}, where
-        return embodiments[tag].get("modality_configs", {}), where
-    if source.demo_preset is not None:
+            raise ValueError(f"cannot read {where}: {exc}") from None
+        entry = embodiments.get(tag)
+        return _Layout(where, sorted(embodiments), entry.get("modality_configs", {}) if entry is not None else None)
+    if source.demo_preset is not None:  # a demo checkpoint built later: every seed has its tag's demo layout
         from policy.make_demo_checkpoint import embodiment_layout
 
-        layout = embodiment_layout(tag)["modality_configs"]
-        return {m: mc.to_json() for m, mc in layout.items()}, f"the {source.demo_preset!r} demo layout of {tag!r}"
-    return None  # a missing checkpoint directory: the replica's loader reports it, naming the path
+        layout = {m: mc.to_json() for m, mc in embodiment_layout(tag)["modality_configs"].items()}
+        return _Layout(f"the {source.demo_preset!r} demo layout of {tag!r}", [tag], layout)
+    return None
 
 
 def layout_mismatch(tag: str, reference: ModelSource, source: ModelSource) -> str | None:
     """Why `source` cannot serve `tag` beside `reference` (another tag, another modality layout), or None."""
-    mine = _modality_layout(tag, source)
+    mine = _read_layout(tag, source)
     if mine is None:
         return None
-    layout, where = mine
-    if "tags" in layout and set(layout) == {"tags"}:
-        return f"checkpoint {where} does not hold embodiment {tag!r}; it holds: {', '.join(layout['tags']) or '(none)'}"
-    ref = _modality_layout(tag, reference)
-    if ref is None or set(ref[0]) == {"tags"}:
-        return None
-    theirs, ref_where = ref
-    for modality in sorted(set(layout) | set(theirs)):
-        if layout.get(modality) != theirs.get(modality):
+    if mine.modality_configs is None:
+        return f"checkpoint {mine.where} does not hold embodiment {tag!r}; it holds: {', '.join(mine.held_tags) or '(none)'}"
+    ref = _read_layout(tag, reference)
+    if ref is None or ref.modality_configs is None:
+        return None  # the default model's own load reports that
+    for modality in sorted(set(mine.modality_configs) | set(ref.modality_configs)):
+        if mine.modality_configs.get(modality) != ref.modality_configs.get(modality):
             return (
                 f"its {modality!r} modality layout differs from the embodiment's default model: "
-                f"{layout.get(modality)} (from {where}) vs {theirs.get(modality)} (from {ref_where}); "
-                "every model of an embodiment must take the same observations and return the same actions"
+                f"{mine.modality_configs.get(modality)} (from {mine.where}) vs {ref.modality_configs.get(modality)} "
+                f"(from {ref.where}); every model of an embodiment must take the same observations and return the "
+                "same actions"
             )
     return None
