@@ -116,6 +116,7 @@ class PolicyClient:
         client_keys: tuple[str | bytes, str | bytes] | None = None,
         *,
         context: zmq.Context | None = None,
+        model_id: str | None = None,
     ) -> None:
         self._socket: zmq.Socket | None = None
         self._closed = False
@@ -125,6 +126,7 @@ class PolicyClient:
         self.api_token = api_token
         self.strict = strict
         self.embodiment_tag = embodiment_tag
+        self.model_id = model_id  # fleetserve: which fine-tune of the embodiment answers (None: the port's default)
         self._ipv6 = ":" in host
         self._address = f"tcp://[{host.strip('[]')}]:{port}" if self._ipv6 else f"tcp://{host}:{port}"
         self._curve: tuple[bytes, bytes, bytes] | None = None
@@ -218,7 +220,7 @@ class PolicyClient:
     def call_endpoint(self, endpoint: str, data: dict[str, Any] | None = None, requires_input: bool = True) -> Any:
         """Send one request (upstream's signature) and return the decoded reply; raise on an error reply."""
         request = build_request(endpoint, data, requires_input=requires_input, api_token=self.api_token,
-                                embodiment_tag=self.embodiment_tag)
+                                embodiment_tag=self.embodiment_tag, model_id=self.model_id)
         reply = unpackb(self._roundtrip(packb(request)))
         error = reply_error(reply)
         if error is not None:

@@ -127,8 +127,9 @@ def build_request(
     requires_input: bool = True,
     api_token: str | None = None,
     embodiment_tag: str | None = None,
+    model_id: str | None = None,
 ) -> dict[str, Any]:
-    """The request envelope, keyed as upstream's clients key it."""
+    """The request envelope, keyed as upstream's clients key it (`embodiment_tag` and `model_id` are ours)."""
     request: dict[str, Any] = {"endpoint": endpoint}
     if requires_input:
         request["data"] = data
@@ -136,6 +137,8 @@ def build_request(
         request["api_token"] = api_token
     if embodiment_tag is not None:
         request["embodiment_tag"] = embodiment_tag
+    if model_id is not None:
+        request["model_id"] = model_id
     return request
 
 
@@ -145,6 +148,7 @@ class Envelope:
     data: dict[str, Any]
     api_token: str | None
     embodiment_tag: str | None
+    model_id: str | None = None  # ours, like embodiment_tag: which fine-tune of the embodiment answers
 
 
 def _optional_str(msg: dict, key: str) -> str | None:
@@ -167,7 +171,9 @@ def parse_envelope(msg: Any) -> Envelope:
         data = {}
     if not isinstance(data, dict):
         raise RequestError(f"data: expected a map, got {type(data).__name__}")
-    return Envelope(endpoint, data, _optional_str(msg, "api_token"), _optional_str(msg, "embodiment_tag"))
+    return Envelope(
+        endpoint, data, _optional_str(msg, "api_token"), _optional_str(msg, "embodiment_tag"), _optional_str(msg, "model_id")
+    )
 
 
 def parse_options(value: Any) -> dict[str, Any] | None:

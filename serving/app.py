@@ -6,9 +6,11 @@ autoscaling and resources on its own; one ZMQ ingress in front of them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
-from serving.config import FleetArgs
+from serving.config import DEFAULT_MODEL, FleetArgs
 from serving.ingress import ZmqIngress
 from serving.policy_deployment import PolicyDeployment
 
@@ -30,8 +32,14 @@ def build_app(args: FleetArgs) -> Application:
             # A checkpoint that cannot load will not load on the 20th try either: fail the deployment soon,
             # with the loader's error (path and cause) in `serve status`.
             max_constructor_retry_count=2,
-        ).bind(tag, str(args.checkpoint_path(tag)), emb.policy_config())
+        ).bind(
+            tag, str(args.checkpoint_path(tag)), emb.policy_config(),
+            models={name: src.model_dump() for name, src in args.model_sources(tag).items() if name != DEFAULT_MODEL},
+            max_models_per_replica=emb.max_models_per_replica,
+            checkpoint_root=str(Path(args.checkpoint_root).expanduser().resolve()),  # replicas' cwd may differ
+        )
     admission = {tag: emb.admission(args.ingress) for tag, emb in args.embodiments.items()}
+    models = {tag: list(emb.models) for tag, emb in args.embodiments.items()}
     return ZmqIngress.options(name=INGRESS_NAME, logging_config=QUIET, max_constructor_retry_count=2).bind(
-        args.ingress, policies, admission
+        args.ingress, policies, admission, models
     )

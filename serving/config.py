@@ -7,8 +7,10 @@ Validation errors name the field and say what was expected; Serve shows them in 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -51,6 +53,9 @@ class PortConfig(_Strict):
     @property
     def port_protocol(self) -> PortProtocol:
         return PortProtocol(self.protocol)
+    model: str | None = Field(
+        default=None, description="Model robots on this port get unless a request names one; default: the embodiment's default."
+    )
 
     @field_validator("embodiment")
     @classmethod
@@ -132,6 +137,63 @@ class PolicyConfig(_Strict):
         return self
 
 
+DEFAULT_MODEL = "default"  # the model an embodiment's own checkpoint / demo_preset serves
+# What a model name may look like: it becomes a Serve multiplexed model id, a metric tag and a directory name.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelSource(_Strict):
+    """One fine-tune of an embodiment: a checkpoint directory, or a demo checkpoint built offline from a seed."""
+
+    checkpoint: str | None = Field(default=None, description="Checkpoint directory (relative: against the working directory of `serve run`).")
+    demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
+        default=None, description="Build a demo checkpoint of this preset (at <checkpoint_root>/<preset>-<tag>-seed<N>) where `checkpoint` is missing."
+    )
+    demo_seed: int = Field(default=0, ge=0, description="Seed of the demo weights: one seed, one distinct fine-tune.")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> "ModelSource":
+        if self.checkpoint is None and self.demo_preset is None:
+            raise ValueError("expected `checkpoint` (a directory) or `demo_preset` (with demo_seed), got neither")
+        return self
+
+
+def check_model_names(models: dict[str, Any], where: str) -> None:
+    for name in models:
+        if name == DEFAULT_MODEL:
+            raise ValueError(
+                f"{where}: {DEFAULT_MODEL!r} is the embodiment's own checkpoint/demo_preset; name the fine-tune otherwise"
+            )
+        if not MODEL_NAME.match(name):
+            raise ValueError(
+                f"{where}: model name {name!r:.80} is not allowed; expected 1-64 letters, digits, '.', '_' or '-' "
+                "starting with a letter or digit"
+            )
+
+
+class PolicyUserConfig(BatchingConfig):
+    """The full `user_config` of a policy deployment: batching, and optionally the live set of fine-tunes.
+
+    `models` here replaces `args.embodiments.<tag>.models` while it is set: editing it in the serve config and
+    running `serve deploy` reconfigures the replicas (models load on demand) instead of restarting them, which
+    any change under `args:` does (Serve rebuilds the whole application when its args change).
+    """
+
+    models: dict[str, ModelSource] | None = Field(
+        default=None, description="Fine-tunes served beside the default model; None: those of args.embodiments.<tag>.models."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, ModelSource] | None) -> dict[str, ModelSource] | None:
+        if v is not None:
+            check_model_names(v, "user_config.models")
+        return v
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(**self.model_dump(exclude={"models"}))
+
+
 class AdmissionConfig(_Strict):
     """How the ingress admits one embodiment's requests (the per-embodiment overrides already applied)."""
 
@@ -145,9 +207,24 @@ class EmbodimentConfig(PolicyConfig):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     request_timeout_ms: float | None = Field(default=None, gt=0, description="Overrides ingress.request_timeout_ms.")
     max_queued_requests: int | None = Field(default=None, ge=1, description="Overrides ingress.max_queued_requests.")
+    models: dict[str, ModelSource] = Field(
+        default_factory=dict,
+        description="Fine-tunes of this embodiment served by the same replicas, loaded on demand (name -> source).",
+    )
+    max_models_per_replica: int = Field(
+        default=4, ge=1, description="Fine-tunes one replica keeps loaded besides the default; past it the least recently used is evicted.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, ModelSource]) -> dict[str, ModelSource]:
+        check_model_names(v, "models")
+        return v
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(**self.model_dump(exclude={"batching", "request_timeout_ms", "max_queued_requests"}))
+        return PolicyConfig(**self.model_dump(
+            exclude={"batching", "request_timeout_ms", "max_queued_requests", "models", "max_models_per_replica"}
+        ))
 
     def admission(self, ingress: IngressConfig) -> AdmissionConfig:
         return AdmissionConfig(
@@ -193,6 +270,23 @@ class FleetArgs(_Strict):
                     f"ingress.ports: port {p.port} defaults to embodiment {p.embodiment!r}, "
                     f"which is not configured; configured: {sorted(self.embodiments)}"
                 )
+            served = [DEFAULT_MODEL, *self.embodiments[p.embodiment].models]
+            if p.model is not None and p.model not in served:
+                raise ValueError(
+                    f"ingress.ports: port {p.port} defaults to model {p.model!r}, which embodiment {p.embodiment!r} "
+                    f"does not serve; its models: {', '.join(served)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _models_match_their_embodiment(self) -> "FleetArgs":
+        for tag in self.embodiments:
+            sources = self.model_sources(tag)
+            reference = sources.pop(DEFAULT_MODEL)
+            for name, source in sources.items():
+                mismatch = layout_mismatch(tag, reference, source)
+                if mismatch:
+                    raise ValueError(f"embodiments.{tag}.models.{name}: {mismatch}")
         return self
 
     def checkpoint_path(self, tag: str) -> Path:
@@ -203,3 +297,71 @@ class FleetArgs(_Strict):
         else:
             path = Path(os.path.expanduser(self.checkpoint_root)) / f"{cfg.demo_preset}-{tag}"
         return path.resolve()  # relative paths: against the working directory of `serve run`
+
+    def model_sources(self, tag: str) -> dict[str, "ModelSource"]:
+        """Every model of `tag`, its default first, with absolute checkpoint paths."""
+        cfg = self.embodiments[tag]
+        out = {DEFAULT_MODEL: ModelSource(checkpoint=str(self.checkpoint_path(tag)), demo_preset=cfg.demo_preset)}
+        for name, src in cfg.models.items():
+            out[name] = resolve_model_source(src, tag, self.checkpoint_root)
+        return out
+
+
+def resolve_model_source(src: ModelSource, tag: str, checkpoint_root: str) -> ModelSource:
+    """`src` with an absolute checkpoint directory (a demo fine-tune's: <checkpoint_root>/<preset>-<tag>-seed<N>)."""
+    if src.checkpoint is not None:
+        path = Path(os.path.expanduser(src.checkpoint))
+    else:
+        path = Path(os.path.expanduser(checkpoint_root)) / f"{src.demo_preset}-{tag}-seed{src.demo_seed}"
+    return src.model_copy(update={"checkpoint": str(path.resolve())})
+
+
+@dataclass
+class _Layout:
+    """What a model's checkpoint says about one tag, read from JSON only (no torch in the config check)."""
+
+    where: str  # the file (or demo layout) it comes from
+    held_tags: list[str]  # the tags the checkpoint holds
+    modality_configs: dict[str, Any] | None  # JSON form; None when the checkpoint does not hold the tag
+
+
+def _read_layout(tag: str, source: ModelSource) -> _Layout | None:
+    """None for a checkpoint not built yet with no demo preset: the replica's loader reports it, naming the path."""
+    from policy.checkpoint import PROCESSOR_CONFIG_FILE, read_json
+
+    path = Path(source.checkpoint or "")
+    if (path / PROCESSOR_CONFIG_FILE).is_file():
+        where = str(path / PROCESSOR_CONFIG_FILE)
+        try:
+            embodiments = read_json(path / PROCESSOR_CONFIG_FILE).get("embodiments", {})
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"cannot read {where}: {exc}") from None
+        entry = embodiments.get(tag)
+        return _Layout(where, sorted(embodiments), entry.get("modality_configs", {}) if entry is not None else None)
+    if source.demo_preset is not None:  # a demo checkpoint built later: every seed has its tag's demo layout
+        from policy.make_demo_checkpoint import embodiment_layout
+
+        layout = {m: mc.to_json() for m, mc in embodiment_layout(tag)["modality_configs"].items()}
+        return _Layout(f"the {source.demo_preset!r} demo layout of {tag!r}", [tag], layout)
+    return None
+
+
+def layout_mismatch(tag: str, reference: ModelSource, source: ModelSource) -> str | None:
+    """Why `source` cannot serve `tag` beside `reference` (another tag, another modality layout), or None."""
+    mine = _read_layout(tag, source)
+    if mine is None:
+        return None
+    if mine.modality_configs is None:
+        return f"checkpoint {mine.where} does not hold embodiment {tag!r}; it holds: {', '.join(mine.held_tags) or '(none)'}"
+    ref = _read_layout(tag, reference)
+    if ref is None or ref.modality_configs is None:
+        return None  # the default model's own load reports that
+    for modality in sorted(set(mine.modality_configs) | set(ref.modality_configs)):
+        if mine.modality_configs.get(modality) != ref.modality_configs.get(modality):
+            return (
+                f"its {modality!r} modality layout differs from the embodiment's default model: "
+                f"{mine.modality_configs.get(modality)} (from {mine.where}) vs {ref.modality_configs.get(modality)} "
+                f"(from {ref.where}); every model of an embodiment must take the same observations and return the "
+                "same actions"
+            )
+    return None

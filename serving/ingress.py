@@ -6,6 +6,10 @@ with `{"error": message, "kind": kind}` naming the fault, and every reply goes b
 request came in (N1.6 `.npy` or msgpack-numpy), since clients built on msgpack-numpy read nothing else. A port
 declared `protocol: n1.5` answers as upstream's N1.5 server did (`clients.protocol`). get_action requests go through the embodiment's micro-batcher (one
 Ray call per batch); the rare endpoints (reset, get_modality_config, info) call the policy directly.
+
+A request may name a fine-tune of its embodiment (`options["model_id"]`, or a top-level `"model_id"`; else the
+port's default model, else the embodiment's): its batches go to the policy deployment with that multiplexed
+model id, from a batcher of its own, so a batch never mixes models.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from clients.codec import CodecError, DecodeLimits, packb, unpackb_with_encoding
 from serving.batcher import EmbodimentBatcher
-from serving.config import LOW_LATENCY_ENV_VARS, AdmissionConfig, CurveConfig, IngressConfig, PortConfig
+from serving.config import DEFAULT_MODEL, LOW_LATENCY_ENV_VARS, AdmissionConfig, CurveConfig, IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.metrics import FleetMetrics, MetricsBuffer
 from serving.protocol import (
@@ -53,6 +57,9 @@ except metadata.PackageNotFoundError:  # running from a source tree that was not
 
 KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
 METRICS_FLUSH_S = 1.0
+# An unknown model name asks the replicas for their live model set (it may have been added by `serve deploy`
+# since) at most this often per embodiment; robots sending made-up names cost one Ray call per interval.
+MODELS_REFRESH_S = 1.0
 
 
 class _Once:
@@ -90,13 +97,20 @@ def _rss_mb() -> float:
         return -1.0
 
 
+def _pop_model_id(options: dict[str, Any] | None, top_level: str | None) -> Any:
+    """The model a request names: options["model_id"] (taken out: ours, not the policy's), else the top level."""
+    if options is not None and "model_id" in options:
+        return options.pop("model_id")
+    return top_level
+
+
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
-    __slots__ = ("embodiment", "endpoint", "outcome", "encoding")
+    __slots__ = ("embodiment", "endpoint", "outcome", "encoding", "model")
 
     def __init__(self, embodiment: str):
-        self.embodiment, self.endpoint, self.outcome = embodiment, "unknown", "ok"
+        self.embodiment, self.endpoint, self.outcome, self.model = embodiment, "unknown", "ok", None
         self.encoding: ArrayEncoding | None = None  # of the request's arrays: the reply's goes the same way
 
 
@@ -107,6 +121,7 @@ class ZmqIngress:
         config: IngressConfig,
         handles: dict[str, DeploymentHandle],
         admission: dict[str, AdmissionConfig],
+        models: dict[str, list[str]] | None = None,
     ):
         missing = {k: v for k, v in LOW_LATENCY_ENV_VARS.items() if os.environ.get(k) != v}
         if missing:
@@ -119,21 +134,22 @@ class ZmqIngress:
         self.admission = admission
         self._limits = DecodeLimits(max_message_bytes=config.max_message_bytes, max_array_bytes=config.max_message_bytes)
         self.router: EmbodimentRouter[DeploymentHandle] = EmbodimentRouter(handles)
-        self.batchers: dict[str, EmbodimentBatcher] = {}
+        # One batcher per (embodiment, model): the default models' now, a fine-tune's at its first request.
+        self.batchers: dict[tuple[str, str], EmbodimentBatcher] = {}
         self._describe: dict[str, _Once] = {}
-        self._modality: dict[str, _Once] = {}
+        self._modality: dict[tuple[str, str], _Once] = {}
+        # Model names each embodiment serves (args at start, then the replicas' live user_config), and which
+        # models each replica holds (from its replies).
+        self._served: dict[str, set[str]] = {
+            tag: {DEFAULT_MODEL, *(models or {}).get(tag, [])} for tag, _ in self.router.items()
+        }
+        self._models_checked: dict[str, float] = {}
+        # (tag, model) -> [requests sent, requests that waited on a cold load]: the status page's cold-load rate
+        self._model_counts: dict[tuple[str, str], list[int]] = {}
+        self._resident: dict[str, dict[str, list[str]]] = {tag: {} for tag, _ in self.router.items()}
         for tag, handle in self.router.items():
-            # Batching starts at the defaults and follows each replica's live user_config from its first reply.
-            self.batchers[tag] = EmbodimentBatcher(
-                tag,
-                (lambda reqs, h=handle: h.infer.remote(reqs)),
-                max_inflight=config.max_inflight_batches,
-                max_queued=admission[tag].max_queued_requests,
-            )
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
-            self._modality[tag] = _Once(lambda h=handle: h.modality_config.remote())
-        for b in self.batchers.values():
-            b.start()
+            self._batcher(tag, DEFAULT_MODEL)
         self._ctx = zmq.asyncio.Context()
         self._auth = self._start_curve_auth(config.curve) if config.curve is not None else None
         self._sockets: list[zmq.asyncio.Socket] = []
@@ -150,6 +166,66 @@ class ZmqIngress:
             self._loops.append(loop.create_task(self._serve(sock, port), name=f"zmq-{port.port}"))
             self._background.append(loop.create_task(self._count_robots(sock, port.port), name=f"monitor-{port.port}"))
         self._announce = asyncio.get_running_loop().create_task(self._announce_when_ready())
+
+    def _model_handle(self, tag: str, model: str) -> DeploymentHandle:
+        handle = self.router.handle(tag)
+        # The default model answers calls without a multiplexed id; a fine-tune's id routes its calls to the
+        # replicas that hold it (Serve's multiplexing).
+        return handle if model == DEFAULT_MODEL else handle.options(multiplexed_model_id=model)
+
+    def _batcher(self, tag: str, model: str) -> EmbodimentBatcher:
+        key = (tag, model)
+        batcher = self.batchers.get(key)
+        if batcher is None:
+            handle = self._model_handle(tag, model)
+
+            async def send(reqs: list[InferenceRequest]):
+                reply = await handle.infer.remote(reqs)
+                if reply.models_resident:
+                    self._resident[tag][reply.replica] = reply.models_resident
+                counts = self._model_counts.setdefault(key, [0, 0])
+                counts[0] += len(reqs)
+                if reply.cold_load_ms:
+                    counts[1] += len(reqs)
+                return reply
+
+            # Batching starts at the defaults and follows each replica's live user_config from its first reply.
+            batcher = EmbodimentBatcher(
+                tag if model == DEFAULT_MODEL else f"{tag}/{model}",
+                send,
+                max_inflight=self.config.max_inflight_batches,
+                max_queued=self.admission[tag].max_queued_requests,
+            )
+            batcher.start()
+            self.batchers[key] = batcher
+        return batcher
+
+    async def _model_table(self, tag: str) -> dict[str, Any]:
+        """One replica's live view of `tag`'s models (served set, resident models, cold-load times)."""
+        table = await self.router.handle(tag).models.remote()
+        self._served[tag] = set(table["served"])
+        self._resident[tag][table["replica"]] = table["resident"]
+        self._models_checked[tag] = time.monotonic()
+        # Batchers of models no longer served go; their robots are refused from now on.
+        for key in [k for k in self.batchers if k[0] == tag and k[1] not in self._served[tag]]:
+            batcher = self.batchers.pop(key)
+            asyncio.get_running_loop().create_task(batcher.close())
+        return table
+
+    async def _choose_model(self, tag: str, port: PortConfig, asked: Any) -> str:
+        if asked is None:
+            if port.model is not None and port.embodiment == tag:
+                return port.model
+            return DEFAULT_MODEL
+        if not isinstance(asked, str):
+            raise RequestError(f"model_id: expected a string (a model name), got {type(asked).__name__}")
+        if asked not in self._served[tag] and time.monotonic() - self._models_checked.get(tag, 0.0) > MODELS_REFRESH_S:
+            await self._model_table(tag)  # added by `serve deploy` since we last looked?
+        if asked not in self._served[tag]:
+            raise RequestError(
+                f"model_id: {asked!r:.80} is not served for {tag!r}; served: {', '.join(sorted(self._served[tag]))}"
+            )
+        return asked
 
     async def _announce_when_ready(self) -> None:
         """One log line, once every policy answers, telling the user how to connect a robot."""
@@ -228,6 +304,8 @@ class ZmqIngress:
             payload = packb(error_reply(f"internal error: reply could not be encoded: {exc}", ErrorKind.INTERNAL))
             call.outcome = ErrorKind.INTERNAL.value
         self._metrics.request(call.embodiment, call.endpoint, call.outcome)
+        if call.model is not None:
+            self._metrics.model_request(call.embodiment, call.model, call.outcome)
         await sock.send_multipart([frames[0], b"", payload], copy=False)
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
@@ -242,35 +320,42 @@ class ZmqIngress:
         tag = self.router.resolve(env.embodiment_tag or port.embodiment)
         call.embodiment = tag
         if env.endpoint == "get_action":
-            return await self._get_action(tag, env.data, received, port.port_protocol)
+            return await self._get_action(call, port, tag, env, received)
         if env.endpoint == "ping":
             return {"status": "ok", "message": "Server is running", "embodiment_tag": tag}
         if env.endpoint == "get_modality_config":
-            configs = await self._modality[tag].get()
+            model = await self._choose_model(tag, port, env.model_id)
+            if (tag, model) not in self._modality:
+                handle = self._model_handle(tag, model)
+                self._modality[(tag, model)] = _Once(lambda: handle.modality_config.remote())
+            configs = await self._modality[(tag, model)].get()
             return modality_config_n15(configs) if port.port_protocol is PortProtocol.N15 else configs
         if env.endpoint == "reset":
-            return await self.router.handle(tag).reset.remote(parse_options(env.data.get("options")))
+            options = parse_options(env.data.get("options"))
+            model = await self._choose_model(tag, port, _pop_model_id(options, env.model_id))
+            return await self._model_handle(tag, model).reset.remote(options)
         if env.endpoint == "info":
             return await self._info(port)
         if env.endpoint == "kill":
             raise RequestError(KILL_REFUSED, ErrorKind.REFUSED)
         raise RequestError(f"endpoint: {env.endpoint!r} is not served")  # parse_envelope lets only known ones through
 
-    async def _get_action(self, tag: str, data: dict, received: float, protocol: PortProtocol) -> Any:
-        req = parse_action_request(data, protocol)
+    async def _get_action(self, call: "_Call", port: PortConfig, tag: str, env, received: float) -> Any:
+        req = parse_action_request(env.data, port.port_protocol)
         if not 1 <= req.samples <= self.config.max_batch_per_request:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
             )
         budget_ms = self.admission[tag].request_timeout_ms
-        options = req.options
+        options = dict(req.options) if req.options is not None else None
+        model = await self._choose_model(tag, port, _pop_model_id(options, env.model_id))
+        call.model = model
         if options is not None and "deadline_ms" in options:
-            options = dict(options)
             asked = options.pop("deadline_ms")  # ours, not the policy's
             if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
                 raise RequestError(f"options.deadline_ms: expected a positive number of milliseconds, got {asked!r:.40}")
             budget_ms = min(budget_ms, float(asked))
-        delivered = await self.batchers[tag].submit(
+        delivered = await self._batcher(tag, model).submit(
             InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0
         )
         outcome = delivered.outcome
@@ -282,6 +367,7 @@ class ZmqIngress:
         info["server"] = {
             "batch_size": delivered.batch_size,
             "embodiment_tag": tag,
+            "model_id": model,
             "replica": delivered.replica,
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
@@ -292,14 +378,33 @@ class ZmqIngress:
     async def _info(self, port: PortConfig) -> dict[str, Any]:
         tags = self.router.tags
         described = await asyncio.gather(*(self._describe[t].get() for t in tags))
-        return {"default_embodiment": port.embodiment, "embodiments": dict(zip(tags, described)), "version": VERSION}
+        tables = await asyncio.gather(*(self._model_table(t) for t in tags))
+        embodiments = {}
+        for tag, desc, table in zip(tags, described, tables):
+            where = self._resident[tag]
+            desc = dict(desc)
+            # Each model, its source, and the replicas holding it (as each replica last reported).
+            desc["models"] = {
+                name: {**src, "replicas": sorted(r for r, held in where.items() if name in held)}
+                for name, src in table["served"].items()
+            }
+            desc["max_models_per_replica"] = table["max_models_per_replica"]
+            desc["cold_load_ms_by_preset"] = table["cold_load_ms_by_preset"]
+            embodiments[tag] = desc
+        reply = {"default_embodiment": port.embodiment, "embodiments": embodiments, "version": VERSION}
+        if port.model is not None:
+            reply["default_model"] = port.model
+        return reply
 
     async def _flush_metrics(self) -> None:
         while True:
             await asyncio.sleep(METRICS_FLUSH_S)
             self._metrics.flush()
-            for tag, b in self.batchers.items():
-                self._metrics.sink.queue_depth.set(b.queued, tags={"embodiment": tag})
+            depth: dict[str, int] = {}
+            for (tag, _), b in self.batchers.items():
+                depth[tag] = depth.get(tag, 0) + b.queued
+            for tag, n in depth.items():
+                self._metrics.sink.queue_depth.set(n, tags={"embodiment": tag})
 
     async def _count_robots(self, sock: zmq.asyncio.Socket, port: int) -> None:
         """Robots connected to a port, from ZMQ's socket monitor (accepted minus disconnected peers)."""
@@ -319,7 +424,9 @@ class ZmqIngress:
         return {
             "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment, "protocol": p.protocol}
                       for p in self.config.ports],
-            "embodiments": {tag: b.stats() for tag, b in self.batchers.items()},
+            "embodiments": {b.tag: b.stats() for b in self.batchers.values()},
+            "models": {f"{tag}/{model}": {"requests": n, "cold_load_requests": cold}
+                       for (tag, model), (n, cold) in self._model_counts.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},
             "rss_mb": _rss_mb(),
@@ -330,9 +437,9 @@ class ZmqIngress:
         for task in self._loops:
             if task.done():
                 raise RuntimeError(f"ingress task {task.get_name()} stopped: {task.exception() if not task.cancelled() else 'cancelled'}")
-        for tag, b in self.batchers.items():
+        for b in self.batchers.values():
             if not b.alive:
-                raise RuntimeError(f"ingress batcher of {tag!r} stopped")
+                raise RuntimeError(f"ingress batcher of {b.tag!r} stopped")
 
     async def __del__(self) -> None:
         # Graceful shutdown: stop taking requests, answer the ones in flight, then close the sockets.

@@ -34,3 +34,6 @@ class BatchReply:
     max_batch_size: int
     batch_wait_ms: float
     timings: list[dict[str, float]] = field(default_factory=list)  # per outcome: forward_start (epoch s), infer_ms, batch_size
+    # Models loaded on this replica now, least recently used first: the ingress's `info` says where each one is.
+    models_resident: list[str] = field(default_factory=list)
+    cold_load_ms: float = 0.0  # > 0: this call waited for its model to load on the replica (that long)

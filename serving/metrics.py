@@ -55,11 +55,55 @@ class FleetMetrics:
             description="Robots (ZMQ peers) connected to an ingress port.",
             tag_keys=("port",),
         )
+        self.model_requests = metrics.Counter(
+            "fleetserve_model_requests_total",
+            description="get_action requests answered, by embodiment, model (fine-tune or 'default') and outcome.",
+            tag_keys=("embodiment", "model", "outcome"),
+        )
         self.queue_depth = metrics.Gauge(
             "fleetserve_queue_depth",
             description="get_action requests waiting in the ingress for a batch, per embodiment.",
             tag_keys=("embodiment",),
         )
+
+
+class ModelMetrics:
+    """Fine-tunes on a policy replica: loads, evictions, cold-load time, how many are resident (per replica)."""
+
+    def __init__(self) -> None:
+        self.loads = metrics.Counter(
+            "fleetserve_model_loads_total",
+            description="Fine-tune loads on a policy replica, by embodiment, model and outcome (ok or error).",
+            tag_keys=("embodiment", "model", "outcome"),
+        )
+        self.evictions = metrics.Counter(
+            "fleetserve_model_evictions_total",
+            description="Fine-tunes evicted from a policy replica (least recently used, past max_models_per_replica).",
+            tag_keys=("embodiment", "model"),
+        )
+        self.load_ms = metrics.Histogram(
+            "fleetserve_model_load_ms",
+            description="Cold-load time of a fine-tune on a policy replica (ms), by embodiment and demo preset.",
+            boundaries=MS_BOUNDARIES,
+            tag_keys=("embodiment", "preset"),
+        )
+        self.resident_models = metrics.Gauge(
+            "fleetserve_models_resident",
+            description="Fine-tunes loaded on a policy replica now (besides its default model).",
+            tag_keys=("embodiment",),
+        )
+
+    # Loads and evictions are rare (each costs a checkpoint load): recorded directly, no buffering.
+    def load(self, embodiment: str, model: str, outcome: str, load_ms: float | None = None, preset: str = "") -> None:
+        self.loads.inc(1, tags={"embodiment": embodiment, "model": model, "outcome": outcome})
+        if load_ms is not None:
+            self.load_ms.observe(load_ms, tags={"embodiment": embodiment, "preset": preset})
+
+    def evicted(self, embodiment: str, model: str) -> None:
+        self.evictions.inc(1, tags={"embodiment": embodiment, "model": model})
+
+    def resident(self, embodiment: str, count: int) -> None:
+        self.resident_models.set(count, tags={"embodiment": embodiment})
 
 
 class MetricsBuffer:
@@ -74,6 +118,7 @@ class MetricsBuffer:
         self._requests: dict[tuple[str, str, str], int] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._actions: list[tuple[str, int, float, float, float]] = []
+        self._models: dict[tuple[str, str, str], int] = {}
 
     def request(self, embodiment: str, endpoint: str, outcome: str) -> None:
         key = (embodiment, endpoint, outcome)
@@ -82,6 +127,10 @@ class MetricsBuffer:
             ekey = (embodiment, outcome)
             self._errors[ekey] = self._errors.get(ekey, 0) + 1
 
+    def model_request(self, embodiment: str, model: str, outcome: str) -> None:
+        key = (embodiment, model, outcome)
+        self._models[key] = self._models.get(key, 0) + 1
+
     def action(self, embodiment: str, batch_size: int, queue_ms: float, infer_ms: float, total_ms: float) -> None:
         self._actions.append((embodiment, batch_size, queue_ms, infer_ms, total_ms))
 
@@ -89,6 +138,9 @@ class MetricsBuffer:
         requests, self._requests = self._requests, {}
         errors, self._errors = self._errors, {}
         actions, self._actions = self._actions, []
+        models, self._models = self._models, {}
+        for (emb, model, outcome), n in models.items():
+            self.sink.model_requests.inc(n, tags={"embodiment": emb, "model": model, "outcome": outcome})
         for (emb, endpoint, outcome), n in requests.items():
             self.sink.requests.inc(n, tags={"embodiment": emb, "endpoint": endpoint, "outcome": outcome})
         for (emb, kind), n in errors.items():

@@ -1,5 +1,10 @@
 """A policy replica: loads one embodiment's checkpoint once and answers batches of requests.
 
+Besides that default model, a replica serves the embodiment's fine-tunes: each call names one with Serve's
+multiplexed model id (set by the ingress, one id per batch), which loads it on first use and keeps the
+`max_models_per_replica` most recently used (Serve's `@serve.multiplexed`, which also routes a model's
+requests to the replicas that hold it). The set of fine-tunes follows the deployment's user_config live.
+
 The ingress sends one call per batch; `@serve.batch` merges calls that arrive while a forward pass runs
 (from several ingresses, or from one that is ahead of us), and the merged requests are cut into forward
 passes of at most `max_batch_size` samples. The forward pass runs in a worker thread so the replica's event
@@ -16,8 +21,18 @@ from typing import Any
 
 from ray import serve
 
-from serving.config import BatchingConfig, PolicyConfig
+from serving.config import (
+    DEFAULT_CHECKPOINT_ROOT,
+    DEFAULT_MODEL,
+    BatchingConfig,
+    ModelSource,
+    PolicyConfig,
+    PolicyUserConfig,
+    layout_mismatch,
+    resolve_model_source,
+)
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+from serving.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +70,32 @@ def _outcome(result: Any) -> InferenceOutcome:
     return InferenceOutcome(None, {}, f"policy error: {type(result).__name__}: {result}", "policy")
 
 
+class UnknownModel(LookupError):
+    """A model name this embodiment does not serve (the robot's mistake, or a model removed from the config)."""
+
+
+# A checkpoint that failed to load fails the same way for a while: answer its requests with that error
+# instead of reading the files again for every batch.
+LOAD_FAILURE_TTL_S = 5.0
+
+
+class _LoadedModel:
+    """What Serve's multiplexer caches: one fine-tune's policy. Serve calls __del__ when it evicts it."""
+
+    def __init__(self, name: str, source: ModelSource, policy: Any, load_ms: float, on_evict):
+        self.name, self.source, self.policy, self.load_ms = name, source, policy, load_ms
+        self._on_evict = on_evict
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self) -> None:
+        if self.policy is not None:  # once: Serve's eviction call, or garbage collection, whichever comes first
+            self.policy = None  # batches in flight hold their own reference; the memory goes with the last
+            try:  # Serve calls this from an executor thread: the replica's bookkeeping stays on its loop
+                self._loop.call_soon_threadsafe(self._on_evict, self)
+            except RuntimeError:  # the loop is closed: the replica is shutting down
+                pass
+
+
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -65,7 +106,15 @@ def _resolve_device(device: str) -> str:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, health_check_period_s=5)
 class PolicyDeployment:
-    def __init__(self, tag: str, checkpoint: str, config: PolicyConfig):
+    def __init__(
+        self,
+        tag: str,
+        checkpoint: str,
+        config: PolicyConfig,
+        models: dict[str, dict[str, Any]] | None = None,
+        max_models_per_replica: int = 4,
+        checkpoint_root: str = DEFAULT_CHECKPOINT_ROOT,
+    ):
         import policy  # torch and transformers load here, in the replica, not in the ingress
 
         self.tag = tag
@@ -80,41 +129,174 @@ class PolicyDeployment:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        device = _resolve_device(config.device)
+        self._config = config
+        self._device = _resolve_device(config.device)
+        t0 = time.perf_counter()
         self.policy = policy.load_policy(
-            str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype
+            str(path), tag, device=self._device, strict=config.strict, backend=config.backend, dtype=config.dtype
         )
         self.batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._replica = serve.get_replica_context().replica_id.unique_id
-        logger.info("Policy %s ready on %s from %s", tag, device, path)
+        self._checkpoint_root = checkpoint_root
+        self._reference = ModelSource(checkpoint=str(path), demo_preset=config.demo_preset)
+        self._base_models = {name: ModelSource(**src) for name, src in (models or {}).items()}
+        self._models: dict[str, ModelSource] = dict(self._base_models)  # the live set, see reconfigure()
+        self._resident: dict[str, _LoadedModel] = {}
+        self._failures: dict[str, tuple[float, Exception]] = {}
+        self._loads: dict[str, int] = {}  # completed loads per model on this replica
+        self._metrics = ModelMetrics()
+        self._cold_load_ms: dict[str, float] = {DEFAULT_MODEL: (time.perf_counter() - t0) * 1000.0}
+        self._max_models = max_models_per_replica
+
+        async def _load_fine_tune(model_id: str) -> _LoadedModel:
+            return await self._load_model(model_id)
+
+        # Decorated here, not on the class, because the limit is configuration (init args).
+        self._fine_tune = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(_load_fine_tune)
+        logger.info("Policy %s ready on %s from %s", tag, self._device, path)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.batching = BatchingConfig(**(user_config or {}))
+        cfg = PolicyUserConfig(**(user_config or {}))
+        self.batching = cfg.batching()
         self._merge.set_max_batch_size(self.batching.max_batch_size)
+        if cfg.models is None:
+            self._models = dict(self._base_models)
+        else:
+            self._models = {n: resolve_model_source(s, self.tag, self._checkpoint_root) for n, s in cfg.models.items()}
+        # A model whose source changed must not be answered from a stale failure.
+        self._failures = {n: f for n, f in self._failures.items() if n in self._models}
+
+    # -- models ----------------------------------------------------------------------------------------------
+
+    def _served_names(self) -> list[str]:
+        return [DEFAULT_MODEL, *sorted(self._models)]
+
+    async def _policy_for(self, name: str) -> Any:
+        """The policy of model `name` ("" or "default": the embodiment's own), loading it if needed."""
+        if not name or name == DEFAULT_MODEL:
+            return self.policy
+        if name not in self._models:  # checked before the cache: a removed model is refused at once
+            raise UnknownModel(
+                f"model_id: {name!r:.80} is not served for {self.tag!r}; served: {', '.join(self._served_names())}"
+            )
+        for _ in range(2):  # evicted between its load and now (a burst of other models): load it again
+            loaded = await self._fine_tune(name)
+            if loaded.policy is not None:
+                return loaded.policy
+        raise RuntimeError(f"model {name!r} was evicted as soon as it loaded; raise max_models_per_replica")
+
+    async def _load_model(self, name: str) -> _LoadedModel:
+        failed = self._failures.get(name)
+        if failed is not None and time.monotonic() - failed[0] < LOAD_FAILURE_TTL_S:
+            raise failed[1]
+        source = self._models[name]
+        try:
+            mismatch = layout_mismatch(self.tag, self._reference, source)
+            if mismatch:
+                raise ValueError(mismatch)
+            policy, load_ms = await asyncio.to_thread(self._build, source)
+        except Exception as exc:
+            self._failures[name] = (time.monotonic(), exc)
+            self._metrics.load(self.tag, name, "error")
+            raise
+        self._failures.pop(name, None)
+        self._cold_load_ms[name] = load_ms
+        self._loads[name] = self._loads.get(name, 0) + 1
+        loaded = _LoadedModel(name, source, policy, load_ms, self._evicted)
+        self._resident[name] = loaded
+        self._metrics.load(self.tag, name, "ok", load_ms, self._preset(source))
+        self._metrics.resident(self.tag, len(self._resident))
+        return loaded
+
+    def _build(self, source: ModelSource) -> tuple[Any, float]:
+        """Load one fine-tune (building a demo one first, offline); the load alone is timed: the cold-load cost."""
+        import policy
+
+        path = Path(source.checkpoint or "")
+        if source.demo_preset is not None and not (path / "config.json").exists():
+            policy.ensure_demo_checkpoint(path, source.demo_preset, embodiments=(self.tag,), seed=source.demo_seed)
+        t0 = time.perf_counter()
+        loaded = policy.load_policy(
+            str(path), self.tag, device=self._device, strict=self._config.strict, backend=self._config.backend,
+            dtype=self._config.dtype,
+        )
+        return loaded, (time.perf_counter() - t0) * 1000.0
+
+    @staticmethod
+    def _preset(source: ModelSource) -> str:
+        return source.demo_preset or "checkpoint"
+
+    def _evicted(self, loaded: _LoadedModel) -> None:
+        if self._resident.get(loaded.name) is loaded:  # not a newer copy loaded again since
+            del self._resident[loaded.name]
+        self._metrics.evicted(self.tag, loaded.name)
+        self._metrics.resident(self.tag, len(self._resident))
+
+    def models(self) -> dict[str, Any]:
+        """This replica's view: the models served, those resident here (least recently used first), cold loads."""
+        by_preset: dict[str, float] = {}
+        sources = {DEFAULT_MODEL: self._reference, **self._models}
+        for name, ms in self._cold_load_ms.items():
+            preset = self._preset(sources[name]) if name in sources else "checkpoint"
+            by_preset[preset] = max(by_preset.get(preset, 0.0), ms)
+        return {
+            "replica": self._replica,
+            "served": {name: src.model_dump(exclude_none=True) for name, src in sources.items()},
+            "resident": [DEFAULT_MODEL, *self._resident],
+            "max_models_per_replica": self._max_models,
+            "cold_load_ms": {name: round(ms, 1) for name, ms in self._cold_load_ms.items()},
+            # What a deadline-aware scheduler adds for a model not resident anywhere (the slowest load seen).
+            "cold_load_ms_by_preset": {p: round(ms, 1) for p, ms in by_preset.items()},
+        }
+
+    def _refused(self, requests: list[InferenceRequest], message: str, kind: str) -> BatchReply:
+        return BatchReply(
+            [InferenceOutcome(None, {}, message, kind) for _ in requests], self._replica, self.batching.max_batch_size,
+            self.batching.batch_wait_ms, [{} for _ in requests], models_resident=[DEFAULT_MODEL, *self._resident],
+        )
+
+    # -- inference -------------------------------------------------------------------------------------------
 
     async def infer(self, requests: list[InferenceRequest]) -> BatchReply:
-        return await self._merge(requests)
+        name = serve.get_multiplexed_model_id()
+        loads_before = self._loads.get(name, 0)
+        try:
+            policy = await self._policy_for(name)
+        except UnknownModel as exc:
+            return self._refused(requests, str(exc), "bad_request")
+        except Exception as exc:  # this model's requests fail with the loader's error; the others go on
+            return self._refused(requests, f"model {name!r} failed to load: {type(exc).__name__}: {exc}", "policy")
+        reply = await self._merge(policy, requests)
+        if self._loads.get(name, 0) != loads_before:  # this call waited on a cold load of its model
+            reply.cold_load_ms = self._cold_load_ms.get(name, 0.0)
+        return reply
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _merge(self, calls: list[list[InferenceRequest]]) -> list[BatchReply]:
-        flat = [r for call in calls for r in call]
-        outcomes: list[InferenceOutcome] = []
-        timings: list[dict[str, float]] = []
-        for chunk in _chunks(flat, self.batching.max_batch_size):
-            o, t = await asyncio.to_thread(self._forward, chunk)
-            outcomes += o
-            timings += t
-        replies, start = [], 0
-        for call in calls:
-            end = start + len(call)
-            replies.append(
-                BatchReply(outcomes[start:end], self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
-                           timings[start:end])
-            )
-            start = end
-        return replies
+    async def _merge(self, policies: list[Any], calls: list[list[InferenceRequest]]) -> list[BatchReply]:
+        # Calls of several models can merge here: one forward pass per model, never a mixed one.
+        results: dict[int, tuple[list[InferenceOutcome], list[dict[str, float]]]] = {}
+        for policy in {id(p): p for p in policies}.values():
+            mine = [i for i, p in enumerate(policies) if p is policy]
+            flat = [r for i in mine for r in calls[i]]
+            outcomes: list[InferenceOutcome] = []
+            timings: list[dict[str, float]] = []
+            for chunk in _chunks(flat, self.batching.max_batch_size):
+                o, t = await asyncio.to_thread(self._forward, policy, chunk)
+                outcomes += o
+                timings += t
+            start = 0
+            for i in mine:
+                end = start + len(calls[i])
+                results[i] = (outcomes[start:end], timings[start:end])
+                start = end
+        resident = [DEFAULT_MODEL, *self._resident]
+        return [
+            BatchReply(results[i][0], self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
+                       results[i][1], models_resident=resident)
+            for i in range(len(calls))
+        ]
 
-    def _forward(self, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
+    def _forward(self, policy: Any, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
         started = time.time()
         t0 = time.perf_counter()
         # A request whose robot has already been told "deadline exceeded" is not worth a forward pass.
@@ -122,7 +304,7 @@ class PolicyDeployment:
         results: list[Any] = [_EXPIRED] * len(chunk)
         try:
             computed = (
-                self.policy.get_actions([(chunk[i].observation, chunk[i].options) for i in live], return_exceptions=True)
+                policy.get_actions([(chunk[i].observation, chunk[i].options) for i in live], return_exceptions=True)
                 if live else []
             )
         except Exception as exc:  # a failure of the forward pass itself reaches every request in it
@@ -138,8 +320,8 @@ class PolicyDeployment:
     def describe(self) -> dict[str, Any]:
         return self.policy.describe()
 
-    def modality_config(self) -> dict[str, Any]:
-        return self.policy.get_modality_config()
+    async def modality_config(self) -> dict[str, Any]:
+        return (await self._policy_for(serve.get_multiplexed_model_id())).get_modality_config()
 
-    def reset(self, options: dict[str, Any] | None) -> dict[str, Any]:
-        return self.policy.reset(options)
+    async def reset(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        return (await self._policy_for(serve.get_multiplexed_model_id())).reset(options)

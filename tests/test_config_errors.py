@@ -24,6 +24,13 @@ from serving.config import FleetArgs
           "ingress": {"ports": [{"port": 5555, "embodiment": "gr1"}]}}, "are the same tag 'gr1'"),
         ({"ingress": {"ports": []}}, "expected at least one port"),
         ({"ingress": {"prots": []}}, "prots"),  # a typo is an error, not a silently ignored key
+        ({"embodiments": {"gr1": {"demo_preset": "tiny", "models": {"default": {"demo_preset": "tiny"}}}},
+          "ingress": {"ports": [{"port": 5555, "embodiment": "gr1"}]}}, "'default' is the embodiment's own"),
+        ({"embodiments": {"gr1": {"demo_preset": "tiny", "models": {"ft": {"demo_seed": 3}}}},
+          "ingress": {"ports": [{"port": 5555, "embodiment": "gr1"}]}}, "expected `checkpoint` (a directory) or `demo_preset`"),
+        ({"embodiments": {"gr1": {"demo_preset": "tiny", "models": {"ft": {"demo_preset": "tiny"}}}},
+          "ingress": {"ports": [{"port": 5555, "embodiment": "gr1", "model": "ft2"}]}},
+         "port 5555 defaults to model 'ft2', which embodiment 'gr1' does not serve; its models: default, ft"),
     ],
 )
 def test_invalid_args_name_the_field(args, message):
