@@ -326,13 +326,11 @@ def _sub_config(cls, value, defaults: dict[str, Any], field: str) -> PretrainedC
         raise TypeError(f"{field}: expected a dict or a {cls.__name__}, got {type(value).__name__}")
     value = dict(value)
     value.pop("model_type", None)
-    # transformers 5 writes RoPE as ``rope_parameters``; 4.x reads ``rope_theta``. Give both so that a checkpoint
-    # written by either major loads with the same frequencies in the other.
+    # transformers 5 writes RoPE as ``rope_parameters`` and 4.x reads ``rope_theta``: copy the frequency base over
+    # so that a checkpoint written by 5.x loads with the same frequencies in 4.x (5.x converts 4.x's field itself).
     rope = value.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
+    if isinstance(rope, dict) and "rope_theta" in rope and not hasattr(cls(), "rope_parameters"):
         value.setdefault("rope_theta", rope["rope_theta"])
-    elif "rope_theta" in value and "rope_parameters" not in value:
-        value["rope_parameters"] = {"rope_type": "default", "rope_theta": value["rope_theta"]}
     return cls(**value)
 
 
