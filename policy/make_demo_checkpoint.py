@@ -282,8 +282,11 @@ def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None, con
     return model.eval()
 
 
-def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int) -> Path:
-    """Write all files of a demo checkpoint into `out_dir` (an existing, empty directory)."""
+def write_demo_checkpoint(
+    out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int, *, model=None
+) -> Path:
+    """Write all files of a demo checkpoint into `out_dir` (an existing, empty directory). `model`: weights
+    already built (e.g. by :func:`build_demo_model` on a GPU); default: built here, on the CPU."""
     from .configuration import FleetGr00tConfig
 
     out = Path(out_dir)
@@ -303,7 +306,8 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
         if n_action > config.max_action_dim:
             raise ValueError(f"{tag}: {n_action} action dims > the {preset} model's max_action_dim {config.max_action_dim}")
 
-    model = build_demo_model(preset, seed=seed, config=config)
+    if model is None:
+        model = build_demo_model(preset, seed=seed, config=config)
     model.save_pretrained(str(out))
     del model
 

@@ -152,6 +152,13 @@ class NativePolicy(BasePolicy):
             self.warmup()
         self.load_seconds = time.perf_counter() - t0
 
+    def set_compile(self, mode: str, batch_buckets: tuple[int, ...] | None = None) -> None:
+        """Switch the execution mode (see policy.hot_path) without reloading the weights."""
+        self.compile = check_compile_mode(mode, self.device)
+        if batch_buckets is not None:
+            self.batch_buckets = check_buckets(batch_buckets)
+        self._forward = compiled_forward(self.model, self.compile)
+
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """One dummy forward per batch size (CUDA context, cuBLAS handles, kernel selection, compilation), so
         the first robot does not pay for them. Returns (and records in ``warmup_seconds``) the time taken."""
