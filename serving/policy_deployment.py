@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from serving.config import BatchingConfig, PolicyConfig
@@ -55,14 +56,6 @@ def _outcome(result: Any) -> InferenceOutcome:
     return InferenceOutcome(None, {}, f"policy error: {type(result).__name__}: {result}", "policy")
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, health_check_period_s=5)
 class PolicyDeployment:
     def __init__(self, tag: str, checkpoint: str, config: PolicyConfig):
@@ -80,13 +73,18 @@ class PolicyDeployment:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        device = _resolve_device(config.device)
+        # "auto" warns when a GPU is there but torch cannot use it; "cuda:N" counts this replica's GPUs only
+        # (Ray sets CUDA_VISIBLE_DEVICES from num_gpus). load_policy warms the model up (one B=1 forward), so
+        # the first robot does not pay for CUDA / cuBLAS initialisation.
+        device = policy.resolve_device(config.device)
         self.policy = policy.load_policy(
-            str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype
+            str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype,
+            **({"compile": config.compile} if config.compile != "none" else {}),
         )
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._replica = serve.get_replica_context().replica_id.unique_id
-        logger.info("Policy %s ready on %s from %s", tag, device, path)
+        logger.info("Policy %s ready on %s (Ray GPU ids %s) from %s", tag, device, self._gpu_ids or "none", path)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.batching = BatchingConfig(**(user_config or {}))
@@ -136,7 +134,9 @@ class PolicyDeployment:
         return outcomes, [timing] * len(chunk)
 
     def describe(self) -> dict[str, Any]:
-        return self.policy.describe()
+        out = self.policy.describe()
+        out.setdefault("model", {})["ray_gpu_ids"] = list(self._gpu_ids)  # the machine's ids of this replica's GPUs
+        return out
 
     def modality_config(self) -> dict[str, Any]:
         return self.policy.get_modality_config()
