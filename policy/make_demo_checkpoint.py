@@ -399,14 +399,21 @@ def ensure_demo_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Replicas starting together wait for the first one's build instead of each building a copy (an n16-3b
     # build is minutes and gigabytes); the rename below stays the guarantee where flock does not hold (NFS).
-    with open(out.parent / f".{out.name}.lock", "a+") as lock:
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "a+") as lock:
         try:
             import fcntl
 
             fcntl.flock(lock, fcntl.LOCK_EX)
         except (ImportError, OSError):
             pass
-        return _ensure_locked(out, preset, tags, seed)
+        try:
+            return _ensure_locked(out, preset, tags, seed)
+        finally:
+            # Safe to remove once the checkpoint is there: a caller still waiting on this (now nameless) lock
+            # and one that makes a new lock file both find config.json and return without building.
+            if (out / "config.json").exists():
+                lock_path.unlink(missing_ok=True)
 
 
 def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:

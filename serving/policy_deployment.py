@@ -82,6 +82,11 @@ class PolicyDeployment:
             **({"compile": config.compile} if config.compile != "none" else {}),
         )
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if device.startswith("cuda") and not self._gpu_ids:
+            logger.warning(
+                "Policy %s runs on %s but Ray assigned this replica no GPU (no num_gpus in its ray_actor_options): "
+                "Ray does not account for its GPU memory, and replicas may pile onto one GPU", tag, device,
+            )
         self.batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._replica = serve.get_replica_context().replica_id.unique_id
         logger.info("Policy %s ready on %s (Ray GPU ids %s) from %s", tag, device, self._gpu_ids or "none", path)
