@@ -9,8 +9,8 @@ Precision: the weights and activations run in the policy's dtype; the noise, the
 decoding to physical units stay in float32. How close a request computed alone comes to the same request in a
 batch (``BATCH_INVARIANCE_ATOL``, on normalised actions, whose range is about [-1, 1]): float32 1e-5; bfloat16
 and float16 5e-2 -- matmul kernels pick other blockings for other batch sizes, and in 16-bit floats that
-rounding difference (about 4e-3 per op) compounds through the backbone and the Euler steps (measured on the CPU
-with tests/test_precision.py; GPUs are in the same range).
+rounding difference (about 4e-3 per op) compounds through the backbone and the Euler steps. Checked on the CPU
+by tests/test_inference_path.py; on a GPU bf16 is expected near 1e-2, and bench/gpu_check.py measures it.
 """
 
 from __future__ import annotations
