@@ -71,7 +71,7 @@ def test_bf16_stays_close_to_fp32(fp32, bf16):
     diff = (_normalised(bf16, obs, 5) - _normalised(fp32, obs, 5)).abs().max().item()
     # same weights and noise, bf16 activations: differences of bf16 rounding, not of different noise (which
     # would be O(1) on normalised actions)
-    assert diff < 0.1, diff
+    assert diff < 1e-2, diff  # measured 1.6e-3 (tiny, CPU)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
