@@ -118,6 +118,8 @@ class NativePolicy(BasePolicy):
         # round the float32 RoPE frequency buffers (inv_freq) to bf16 -- ~0.2 rad of angle error at position 192.
         model.to(device=self.device)
         self.model = model
+        # the constant per-step embeddings, computed eagerly before any compiled graph could trace their cache
+        model.action_head.step_embeddings(model.config.num_inference_timesteps, self.dtype)
         self._forward = compiled_forward(model, self.compile)
         cfg = model.config
         if self.spec.embodiment_id >= cfg.max_num_embodiments:
