@@ -7,8 +7,19 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.fleetserve-installed
+# A second environment with NVIDIA GR00T N1.6's pins (its pyproject.toml; torch stays the local build): users
+# install fleetserve into their GR00T environment and set `backend: gr00t`, so `make test` checks that path.
+GR00T_VENV ?= .venv-gr00t
+GR00T_PY := $(GR00T_VENV)/bin/python
+GR00T_STAMP := $(GR00T_VENV)/.fleetserve-installed
+GR00T_PINS := transformers==4.53.0 numpy==1.26.4 msgpack==1.1.0 pyzmq==27.0.1
+# Policy, gr00t backend and serving under those pins: a focused subset (one Serve app), not the whole suite.
+GR00T_TESTS := tests/test_model.py tests/test_processor.py tests/test_policy.py tests/test_checkpoint.py \
+	tests/test_gr00t_backend.py tests/test_inference_path.py \
+	tests/test_serving.py::test_every_endpoint_through_policy_client \
+	tests/test_serving.py::test_info_names_the_device_each_replica_got_and_its_warm_up
 
-.PHONY: setup serve test bench checkpoints clean
+.PHONY: setup setup-gr00t serve test test-gr00t bench gpu-check checkpoints clean
 
 setup: $(STAMP)
 
@@ -22,11 +33,27 @@ $(STAMP): pyproject.toml
 serve: setup
 	RAY_SERVE_ENABLE_TASK_EVENTS=0 $(VENV)/bin/serve run serve_config.yaml
 
-test: setup
+setup-gr00t: $(GR00T_STAMP)
+
+$(GR00T_STAMP): pyproject.toml
+	test -x $(GR00T_PY) || $(PYTHON) -m venv $(GR00T_VENV)
+	$(GR00T_PY) -c "import torch" 2>/dev/null || $(GR00T_PY) -m pip install $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(GR00T_PY) -m pip install $(GR00T_PINS) -e ".[test]"
+	touch $(GR00T_STAMP)
+
+test: setup setup-gr00t
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-gr00t
+
+test-gr00t: setup-gr00t
+	$(GR00T_PY) -m pytest -q -p no:cacheprovider $(GR00T_TESTS)
+
+# On a GPU machine with PyTorch: only torch, transformers, safetensors, tokenizers and numpy are needed.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 bench: setup
 	$(PY) -m bench.run
 
 clean:
-	rm -rf $(VENV) checkpoints
+	rm -rf $(VENV) $(GR00T_VENV) checkpoints

@@ -1,10 +1,23 @@
 """What a robot installs (`pip install ./clients`; numpy, pyzmq, msgpack only): the GR00T-compatible policy client,
-the wire protocol (`clients.protocol`) and its codec (`clients.codec`)."""
+the wire protocol (`clients.protocol`) and its codec (`clients.codec`).
 
-from .client import PolicyClient, PolicyServerError, PolicyTimeoutError, check_observation
-from .codec import CodecError, DecodeLimits, packb, unpackb
+The client and codec load on first use (PEP 562), so that ``clients.modality`` and ``clients.protocol`` -- which the
+server's policy package shares -- import without pyzmq or msgpack (bench/gpu_check.py runs on a bare PyTorch machine).
+"""
+
 from .modality import ActionConfig, ActionFormat, ActionRepresentation, ActionType, ModalityConfig
 from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, RequestError, to_flat, to_nested
+
+_LAZY = {
+    "PolicyClient": "client",
+    "PolicyServerError": "client",
+    "PolicyTimeoutError": "client",
+    "check_observation": "client",
+    "CodecError": "codec",
+    "DecodeLimits": "codec",
+    "packb": "codec",
+    "unpackb": "codec",
+}
 
 __all__ = [
     "ActionConfig",
@@ -28,3 +41,11 @@ __all__ = [
     "to_nested",
     "unpackb",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'clients' has no attribute {name!r}")

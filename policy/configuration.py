@@ -7,8 +7,8 @@
   built, the upper layers are cut as GR00T does),
 * flat fields for the flow-matching DiT action head.
 
-Both sub-configs are stored as dicts in ``config.json`` and rebuilt as config objects on load (transformers 5
-``sub_configs_defaults`` mechanism).
+Both sub-configs are stored as dicts in ``config.json`` and rebuilt as config objects on load. The class is
+written in the plain ``__init__`` style that transformers 4.53 (GR00T N1.6's pin) and 5.x both accept.
 
 Widths of the action head, as in GR00T (N1.5/N1.6 ``FlowmatchingActionHead``):
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig, Qwen3Config, SiglipVisionConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import AutoConfig, PretrainedConfig, Qwen3Config, SiglipVisionConfig
 
 MODEL_TYPE = "fleet_gr00t"
 
@@ -158,8 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@strict
-class FleetGr00tConfig(PreTrainedConfig):
+class FleetGr00tConfig(PretrainedConfig):
     r"""Config of :class:`policy.modeling.FleetGr00tModel` (GR00T N1.6-shaped VLA policy).
 
     Backbone:
@@ -190,47 +187,73 @@ class FleetGr00tConfig(PreTrainedConfig):
     """
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=SiglipVisionConfig, init_kwargs=dict(_SMALL_VISION)),
-        "llm_config": SubConfigSpec(config_class=Qwen3Config, init_kwargs=dict(_SMALL_LLM)),
-    }
+    # transformers 4.x reads ``sub_configs`` to serialise the nested configs; 5.x keeps it as the backwards-
+    # compatible form of ``sub_configs_defaults``. A plain ``__init__`` (not 5.x's dataclass fields) is the one
+    # config style both majors accept, so the same class loads beside GR00T's transformers 4.53 pin.
+    sub_configs = {"vision_config": SiglipVisionConfig, "llm_config": Qwen3Config}
 
-    # backbone
-    vision_config: dict | PreTrainedConfig | None = None
-    image_size: int | None = None
-    pixel_shuffle_factor: int = 2
-    llm_config: dict | PreTrainedConfig | None = None
-    select_layer: int = 4
-    backbone_embedding_dim: int = 512
+    def __init__(
+        self,
+        vision_config: dict | PretrainedConfig | None = None,
+        image_size: int | None = None,
+        pixel_shuffle_factor: int = 2,
+        llm_config: dict | PretrainedConfig | None = None,
+        select_layer: int = 4,
+        backbone_embedding_dim: int = 512,
+        action_horizon: int = 16,
+        max_state_dim: int = 64,
+        max_action_dim: int = 32,
+        max_num_embodiments: int = 32,
+        hidden_size: int = 512,
+        num_layers: int = 8,
+        num_attention_heads: int = 8,
+        attention_head_dim: int = 64,
+        interleave_self_attention: bool = True,
+        mlp_ratio: int = 4,
+        norm_eps: float = 1e-5,
+        num_inference_timesteps: int = 4,
+        num_timestep_buckets: int = 1000,
+        timestep_embedding_channels: int = 256,
+        noise_beta_alpha: float = 1.5,
+        noise_beta_beta: float = 1.0,
+        noise_s: float = 0.999,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.vision_config = _sub_config(SiglipVisionConfig, vision_config, _SMALL_VISION, "vision_config")
+        self.llm_config = _sub_config(Qwen3Config, llm_config, _SMALL_LLM, "llm_config")
+        self.image_size = image_size
+        self.pixel_shuffle_factor = int(pixel_shuffle_factor)
+        self.select_layer = int(select_layer)
+        self.backbone_embedding_dim = int(backbone_embedding_dim)
+        self.action_horizon = int(action_horizon)
+        self.max_state_dim = int(max_state_dim)
+        self.max_action_dim = int(max_action_dim)
+        self.max_num_embodiments = int(max_num_embodiments)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.num_attention_heads = int(num_attention_heads)
+        self.attention_head_dim = int(attention_head_dim)
+        self.interleave_self_attention = bool(interleave_self_attention)
+        self.mlp_ratio = int(mlp_ratio)
+        self.norm_eps = float(norm_eps)
+        self.num_inference_timesteps = int(num_inference_timesteps)
+        self.num_timestep_buckets = int(num_timestep_buckets)
+        self.timestep_embedding_channels = int(timestep_embedding_channels)
+        self.noise_beta_alpha = float(noise_beta_alpha)
+        self.noise_beta_beta = float(noise_beta_beta)
+        self.noise_s = float(noise_s)
+        self.initializer_range = float(initializer_range)
+        super().__init__(**kwargs)
+        self._validate()
 
-    # action head
-    action_horizon: int = 16
-    max_state_dim: int = 64
-    max_action_dim: int = 32
-    max_num_embodiments: int = 32
-    hidden_size: int = 512
-    num_layers: int = 8
-    num_attention_heads: int = 8
-    attention_head_dim: int = 64
-    interleave_self_attention: bool = True
-    mlp_ratio: int = 4
-    norm_eps: float = 1e-5
-    num_inference_timesteps: int = 4
-    num_timestep_buckets: int = 1000
-    timestep_embedding_channels: int = 256
-    noise_beta_alpha: float = 1.5
-    noise_beta_beta: float = 1.0
-    noise_s: float = 0.999
-
-    initializer_range: float = 0.02
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def _validate(self) -> None:
         vc = self.vision_config
         if self.image_size is None:
             self.image_size = int(vc.image_size)
         else:
-            vc.image_size = int(self.image_size)
+            self.image_size = int(self.image_size)
+            vc.image_size = self.image_size
         if self.image_size % vc.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {vc.patch_size}")
         grid = self.image_size // vc.patch_size
@@ -260,7 +283,7 @@ class FleetGr00tConfig(PreTrainedConfig):
         grid = self.image_size // self.vision_config.patch_size // self.pixel_shuffle_factor
         return grid * grid
 
-    def llm_config_truncated(self) -> PreTrainedConfig:
+    def llm_config_truncated(self) -> PretrainedConfig:
         """``llm_config`` with only the first ``select_layer`` layers (what the model actually builds)."""
         d = self.llm_config.to_dict()
         n = int(self.select_layer)
@@ -292,6 +315,23 @@ class FleetGr00tConfig(PreTrainedConfig):
             kw["vision_config"]["image_size"] = overrides["image_size"]
         kw.update(overrides)
         return cls(**kw)
+
+
+def _sub_config(cls, value, defaults: dict[str, Any], field: str) -> PretrainedConfig:
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        value = dict(defaults)
+    if not isinstance(value, dict):
+        raise TypeError(f"{field}: expected a dict or a {cls.__name__}, got {type(value).__name__}")
+    value = dict(value)
+    value.pop("model_type", None)
+    # transformers 5 writes RoPE as ``rope_parameters`` and 4.x reads ``rope_theta``: copy the frequency base over
+    # so that a checkpoint written by 5.x loads with the same frequencies in 4.x (5.x converts 4.x's field itself).
+    rope = value.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and not hasattr(cls(), "rope_parameters"):
+        value.setdefault("rope_theta", rope["rope_theta"])
+    return cls(**value)
 
 
 def _register() -> None:

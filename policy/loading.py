@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import shutil
 from typing import Any
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
 from .checkpoint import check_directory, read_json
 
 BACKENDS = ("native", "gr00t", "auto")
+logger = logging.getLogger(__name__)
+
+
+def gpu_present_without_cuda() -> str | None:
+    """A warning when this machine has an NVIDIA GPU (driver device files or nvidia-smi) but torch cannot use
+    it (a CPU build of torch, or a driver it does not support); None otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
+        return None
+    return (
+        f"this machine has an NVIDIA GPU but torch {torch.__version__} cannot use it "
+        f"(CUDA build: {torch.version.cuda or 'no, a CPU build'}); running on the CPU. Install a CUDA build of "
+        f"torch (see README), or set device: cpu to silence this."
+    )
 
 
 def resolve_device(device: Any = "cpu") -> str:
-    """"cpu", "cuda", "cuda:N", an int N (-> "cuda:N"), a torch.device, or "auto" (cuda if available, else cpu)."""
+    """"cpu", "cuda", "cuda:N", an int N (-> "cuda:N"), a torch.device, or "auto" (cuda if available, else cpu,
+    with a logged warning when a GPU is there but torch cannot use it).
+
+    N counts the GPUs this process sees. Under Ray that is only the GPUs assigned to the replica (Ray sets
+    CUDA_VISIBLE_DEVICES from its ``num_gpus``), so in a replica ``cuda`` and ``cuda:0`` mean its first
+    assigned GPU, never the machine's GPU 0."""
     import torch
 
     if isinstance(device, torch.device):
@@ -27,14 +52,22 @@ def resolve_device(device: Any = "cpu") -> str:
         raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N', an int or 'auto', got {device!r}")
     d = device.strip().lower()
     if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        warning = gpu_present_without_cuda()
+        if warning:
+            logger.warning("device auto: %s", warning)
+        return "cpu"
     if d == "cpu":
         return "cpu"
     if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
         if ":" in d and int(d[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(
+                f"device {device!r}: this process sees {torch.cuda.device_count()} CUDA device(s) (under Ray, only "
+                f"the replica's assigned GPUs: num_gpus in ray_actor_options; cuda:0 is the first of them)"
+            )
         return d
     raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N', an int or 'auto', got {device!r}")
 
@@ -48,12 +81,17 @@ def load_policy(
     backend: str = "native",
     dtype: Any = None,
     max_batch_per_request: int = DEFAULT_MAX_BATCH_PER_REQUEST,
+    compile: str = "none",
+    warmup: bool = True,
 ) -> BasePolicy:
     """Load a policy for one embodiment of a checkpoint.
 
     backend: "native" (our fleet_gr00t checkpoints), "gr00t" (NVIDIA's Isaac-GR00T package and its checkpoints)
     or "auto" (native when config.json says model_type "fleet_gr00t", else gr00t).
     dtype: None = bfloat16 on CUDA, float32 on CPU (native backend; gr00t picks its own).
+    compile: "none", "torch_compile" or "cuda_graphs" (native backend; see policy.hot_path).
+    warmup: run one dummy forward at B=1 before returning (native backend), so the first request does not pay
+    for CUDA / cuBLAS initialisation or compilation.
     Errors: a bad path or broken checkpoint names the file; an unknown tag lists the checkpoint's tags.
     """
     if backend not in BACKENDS:
@@ -70,8 +108,10 @@ def load_policy(
 
         return NativePolicy(
             model_path, embodiment_tag, device=dev, dtype=dtype, strict=strict,
-            max_batch_per_request=max_batch_per_request,
+            max_batch_per_request=max_batch_per_request, compile=compile, warmup=warmup,
         )
+    if compile != "none":
+        raise ValueError(f"compile {compile!r}: only the native backend compiles (backend='gr00t' runs NVIDIA's policy)")
     if dtype is not None and str(dtype).lower().removeprefix("torch.") not in ("bfloat16", "bf16"):
         raise ValueError(f"dtype {dtype!r}: backend='gr00t' runs NVIDIA's policy in bfloat16 (leave dtype unset)")
     from .gr00t_backend import Gr00tBackendPolicy

@@ -249,12 +249,45 @@ def _normalise_embodiments(embodiments: Iterable[str] | str) -> list[str]:
     return tags
 
 
-def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int) -> Path:
-    """Write all files of a demo checkpoint into `out_dir` (an existing, empty directory)."""
+def demo_dtype(preset: str):
+    """The dtype a demo checkpoint stores: bf16 for the 3B model (halves the file), fp32 for tiny / small."""
+    import torch
+
+    return torch.bfloat16 if preset == "n16-3b" else torch.float32
+
+
+def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None, config=None):
+    """A demo model with seeded random weights, created directly in ``dtype`` (default: :func:`demo_dtype`) on
+    ``device`` (default: the CPU). Never a float32 copy first: that is 12 GB for n16-3b. The same (preset,
+    seed, dtype, device) gives the same weights; the CPU build is what checkpoints store (device-independent)."""
     import torch
 
     from .configuration import FleetGr00tConfig
     from .modeling import FleetGr00tModel
+
+    config = config if config is not None else FleetGr00tConfig.from_preset(preset)
+    dtype = demo_dtype(preset) if dtype is None else dtype
+    device = torch.device("cpu" if device is None else device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    # torch's seed and default dtype are process-global: one seeded build at a time, both restored after
+    with _SEED_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                model = FleetGr00tModel(config)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def write_demo_checkpoint(
+    out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int, *, model=None
+) -> Path:
+    """Write all files of a demo checkpoint into `out_dir` (an existing, empty directory). `model`: weights
+    already built (e.g. by :func:`build_demo_model` on a GPU); default: built here, on the CPU."""
+    from .configuration import FleetGr00tConfig
 
     out = Path(out_dir)
     if preset not in PRESETS:
@@ -273,12 +306,8 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
         if n_action > config.max_action_dim:
             raise ValueError(f"{tag}: {n_action} action dims > the {preset} model's max_action_dim {config.max_action_dim}")
 
-    # Weights: seeded, fp32 for tiny/small, bf16 for the 3B model (halves the file).
-    with _SEED_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = FleetGr00tModel(config)
-    if preset == "n16-3b":
-        model = model.to(torch.bfloat16)
+    if model is None:
+        model = build_demo_model(preset, seed=seed, config=config)
     model.save_pretrained(str(out))
     del model
 
@@ -365,6 +394,29 @@ def ensure_demo_checkpoint(
     its copy and uses the winner's. An existing checkpoint must hold the embodiments (and preset) asked for."""
     tags = _normalise_embodiments(embodiments)
     out = Path(out_dir).expanduser().absolute()
+    if (out / "config.json").exists():
+        return _check_existing(out, preset, tags)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas starting together wait for the first one's build instead of each building a copy (an n16-3b
+    # build is minutes and gigabytes); the rename below stays the guarantee where flock does not hold (NFS).
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        try:
+            return _ensure_locked(out, preset, tags, seed)
+        finally:
+            # Safe to remove once the checkpoint is there: a caller still waiting on this (now nameless) lock
+            # and one that makes a new lock file both find config.json and return without building.
+            if (out / "config.json").exists():
+                lock_path.unlink(missing_ok=True)
+
+
+def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:
     if (out / "config.json").exists():
         return _check_existing(out, preset, tags)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel, Qwen3Model, SiglipVisionModel
-from transformers import initialization as init
+
+try:  # transformers 5: these init functions leave tensors loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x (GR00T N1.6 pins 4.53): only modules with missing weights are initialised
+    from torch.nn import init
 
 from .configuration import MODEL_TYPE, FleetGr00tConfig
 
@@ -65,8 +69,16 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(b, h * h, factor * factor * c)
 
 
+EmbodimentIds = "int | torch.Tensor"
+
+
 class CategorySpecificLinear(nn.Module):
-    """A linear layer with one weight matrix per category (embodiment): weight (K, in, out), bias (K, out)."""
+    """A linear layer with one weight matrix per category (embodiment): weight (K, in, out), bias (K, out).
+
+    ``cat_ids`` is either an ``int`` -- the whole batch is one embodiment, as in every replica: a plain matmul
+    with that category's weights (a view, nothing copied) -- or a (N,) tensor of per-sample ids, which gathers a
+    weight matrix per sample (GR00T's general form; N times the weight traffic, kept for mixed batches).
+    """
 
     def __init__(self, num_categories: int, in_features: int, out_features: int):
         super().__init__()
@@ -76,8 +88,10 @@ class CategorySpecificLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_categories, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(num_categories, out_features))
 
-    def forward(self, x: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        # x: (N, T, in), cat_ids: (N,) -> (N, T, out); each sample uses only its own category's weights.
+    def forward(self, x: torch.Tensor, cat_ids) -> torch.Tensor:
+        # x: (N, T, in) -> (N, T, out); each sample uses only its own category's weights.
+        if isinstance(cat_ids, int):
+            return torch.matmul(x, self.weight[cat_ids]) + self.bias[cat_ids]
         return torch.baddbmm(self.bias[cat_ids].unsqueeze(1), x, self.weight[cat_ids])
 
     def extra_repr(self) -> str:
@@ -106,11 +120,14 @@ class MultiEmbodimentActionEncoder(nn.Module):
         self.W2 = CategorySpecificLinear(num_categories, 2 * width, width)
         self.W3 = CategorySpecificLinear(num_categories, width, width)
 
-    def forward(self, actions: torch.Tensor, t_bucket: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        # actions (N, H, A); t_bucket (N,) discretised timesteps
+    def tau(self, t_bucket: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal encoding of the discretised timestep(s): (..., width) float32."""
+        return sinusoidal_embedding(t_bucket, self.width, flip_sin_to_cos=False, freq_shift=0.0)
+
+    def forward(self, actions: torch.Tensor, tau: torch.Tensor, cat_ids) -> torch.Tensor:
+        # actions (N, H, A); tau: (N or 1, width) encoding of the step's timestep (constant per step: precomputed)
         n, h, _ = actions.shape
         a = self.W1(actions, cat_ids)
-        tau = sinusoidal_embedding(t_bucket, self.width, flip_sin_to_cos=False, freq_shift=0.0)
         tau = tau.to(a.dtype).unsqueeze(1).expand(n, h, self.width)
         x = F.silu(self.W2(torch.cat([a, tau], dim=-1), cat_ids))
         return self.W3(x, cat_ids)
@@ -249,6 +266,31 @@ class FlowMatchingActionHead(nn.Module):
         self.model = FlowMatchingDiT(config)
         self.action_decoder = CategorySpecificMLP(k, config.hidden_size, config.hidden_size, config.max_action_dim)
 
+    def step_embeddings(self, num_steps: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per Euler step: (action-encoder timestep encoding (1, d) float32, timestep embedding (1, d) ``dtype``).
+
+        They depend only on the step and the weights, so inference computes them once and reuses them; cached
+        per (num_steps, dtype, device) -- call :meth:`clear_step_cache` after changing the weights.
+        """
+        device = self.position_embedding.weight.device
+        key = (int(num_steps), dtype, device)
+        cache = self.__dict__.setdefault("_step_cache", {})
+        if key not in cache:
+            # plain tensors (not inference tensors), so a compiled or traced forward can use them too
+            with torch.inference_mode(False), torch.no_grad():
+                steps = []
+                for step in range(num_steps):
+                    t_bucket = torch.tensor([float(int(step / float(num_steps) * self.num_timestep_buckets))],
+                                            device=device)
+                    tau = self.action_encoder.tau(t_bucket)
+                    temb = self.model.timestep_encoder(t_bucket, dtype)
+                    steps.append((tau, temb))
+            cache[key] = steps
+        return cache[key]
+
+    def clear_step_cache(self) -> None:
+        self.__dict__.pop("_step_cache", None)
+
     def prepare(self, backbone_features, backbone_mask, state, embodiment_id):
         """Step-independent part: cross-attention K/V of every cross block, its mask, state tokens."""
         ctx = self.vlln(backbone_features)
@@ -257,27 +299,26 @@ class FlowMatchingActionHead(nn.Module):
         state_tokens = self.state_encoder(state, embodiment_id)
         return cross_kv, cross_mask, state_tokens
 
-    def velocity(self, x_t, t_bucket, embodiment_id, cross_kv, cross_mask, state_tokens):
+    def velocity(self, x_t, tau, temb, embodiment_id, cross_kv, cross_mask, state_tokens):
         h = x_t.shape[1]
-        a = self.action_encoder(x_t, t_bucket, embodiment_id)
+        a = self.action_encoder(x_t, tau, embodiment_id)
         a = a + self.position_embedding.weight[:h].unsqueeze(0)
         tokens = torch.cat([state_tokens, a], dim=1)
-        temb = self.model.timestep_encoder(t_bucket, tokens.dtype)
         out = self.model(tokens, temb, cross_kv, cross_mask)
         return self.action_decoder(out[:, -h:], embodiment_id)
 
     def sample(self, backbone_features, backbone_mask, state, embodiment_id, noise, num_steps: int):
+        """Euler integration from ``noise`` (t=0) to actions (t=1). The state x, the step and the returned actions
+        are float32 whatever the model dtype: the network sees x in its dtype, but rounding x itself to bf16
+        would throw away the small per-step updates (and give a seed different noise per dtype)."""
         dtype = backbone_features.dtype
         cross_kv, cross_mask, state_tokens = self.prepare(backbone_features, backbone_mask, state, embodiment_id)
-        x = noise.float()  # integrate in fp32, feed the network in the model dtype
+        x = noise.float()
         dt = 1.0 / num_steps
-        n = x.shape[0]
-        for step in range(num_steps):
-            t_cont = step / float(num_steps)
-            t_bucket = torch.full((n,), float(int(t_cont * self.num_timestep_buckets)), device=x.device)
-            v = self.velocity(x.to(dtype), t_bucket, embodiment_id, cross_kv, cross_mask, state_tokens)
+        for tau, temb in self.step_embeddings(num_steps, dtype):
+            v = self.velocity(x.to(dtype), tau, temb, embodiment_id, cross_kv, cross_mask, state_tokens)
             x = x + dt * v.float()
-        return x.to(dtype)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,18 +412,40 @@ class FleetGr00tModel(FleetGr00tPreTrainedModel):
             raise ValueError(f"state dim {state.shape[-1]} > max_state_dim {cfg.max_state_dim}")
         if state.shape[-1] < cfg.max_state_dim:
             state = F.pad(state, (0, cfg.max_state_dim - state.shape[-1]))
-        embodiment_id = torch.as_tensor(embodiment_id, device=dev, dtype=torch.long).reshape(-1)
-        if embodiment_id.numel() and (embodiment_id.min() < 0 or embodiment_id.max() >= cfg.max_num_embodiments):
-            raise ValueError(f"embodiment_id out of range [0, {cfg.max_num_embodiments})")
-        noise = noise.to(device=dev)
         n = input_ids.shape[0]
+        embodiment_id = self._embodiment(embodiment_id, n)
+        noise = noise.to(device=dev, dtype=torch.float32)
         expected = (n, cfg.action_horizon, cfg.max_action_dim)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise shape {tuple(noise.shape)} != {expected}")
-        for name, t in (("pixel_values", pixel_values), ("state", state), ("embodiment_id", embodiment_id)):
+        for name, t in (("pixel_values", pixel_values), ("state", state)):
             if t.shape[0] != n:
                 raise ValueError(f"{name} batch {t.shape[0]} != input_ids batch {n}")
         return pixel_values, input_ids, attention_mask, state, embodiment_id, noise
+
+    def _embodiment(self, embodiment_id, n: int):
+        """An int when the whole batch is one embodiment (the per-embodiment layers then run as plain linears),
+        else a (N,) long tensor on the model's device. Checked on the host: no device-to-host sync per call."""
+        k = self.config.max_num_embodiments
+        if isinstance(embodiment_id, torch.Tensor) and embodiment_id.device.type != "cpu":
+            ids = embodiment_id.to(torch.long).reshape(-1)  # already on a device: trusted, kept as it is
+            if ids.numel() != n:
+                raise ValueError(f"embodiment_id batch {ids.numel()} != input_ids batch {n}")
+            return ids
+        if isinstance(embodiment_id, int) and not isinstance(embodiment_id, bool):
+            if not 0 <= embodiment_id < k:
+                raise ValueError(f"embodiment_id out of range [0, {k})")
+            return embodiment_id
+        ids = torch.as_tensor(embodiment_id, dtype=torch.long).reshape(-1)
+        if ids.numel() == 1 and n != 1:
+            ids = ids.expand(n)
+        if ids.numel() != n:
+            raise ValueError(f"embodiment_id batch {ids.numel()} != input_ids batch {n}")
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= k):
+            raise ValueError(f"embodiment_id out of range [0, {k})")
+        if n and bool((ids == ids[0]).all()):
+            return int(ids[0])
+        return ids.to(self.device)
 
     def forward(self, pixel_values, input_ids, attention_mask, state, embodiment_id, noise) -> torch.Tensor:
         """Same as :meth:`get_action` without the inference-mode guard."""
@@ -396,12 +459,14 @@ class FleetGr00tModel(FleetGr00tPreTrainedModel):
 
     @torch.inference_mode()
     def get_action(self, pixel_values, input_ids, attention_mask, state, embodiment_id, noise) -> torch.Tensor:
-        """Normalised actions (N, action_horizon, max_action_dim) in the model dtype.
+        """Normalised actions (N, action_horizon, max_action_dim), float32 whatever the model dtype.
 
         pixel_values: float (N, V, 3, S, S) in [-1, 1], S = config.image_size, V views per sample (same for all).
         input_ids: long (N, L); attention_mask: (N, L), 1 = real token (right padding).
-        state: float (N, T_s, max_state_dim), normalised, zero-padded. embodiment_id: long (N,).
-        noise: float (N, action_horizon, max_action_dim), the initial flow-matching noise.
+        state: float (N, T_s, max_state_dim), normalised, zero-padded.
+        embodiment_id: an int (one embodiment for the batch: the fast path) or long (N,) (on the CPU it is
+            checked, and collapsed to an int when all ids agree).
+        noise: float (N, action_horizon, max_action_dim), the initial flow-matching noise (used in float32).
         """
         return self.forward(pixel_values, input_ids, attention_mask, state, embodiment_id, noise)
 

@@ -326,11 +326,15 @@ class Processor:
     # ------------------------------------------------------------------------------------------------------------
     # Whole batch
     # ------------------------------------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(
+        self, texts: list[str], device: torch.device | str = "cpu", *, fixed_length: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask (N, L): L = the longest text, or ``max_text_length`` with ``fixed_length``
+        (one shape for every batch, as compiled / CUDA-graph execution wants)."""
         with self._tokenizer_lock:
             enc = self.tokenizer(
                 texts,
-                padding="longest",
+                padding="max_length" if fixed_length else "longest",
                 truncation=True,
                 max_length=self.max_text_length,
                 return_tensors="pt",
@@ -344,22 +348,23 @@ class Processor:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         states: Mapping[str, np.ndarray] | None = None,
+        fixed_text_length: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Model inputs for all samples of `observations` (validated observations, nested form).
 
         Returns pixel_values (N, V, 3, S, S) `dtype`, input_ids / attention_mask (N, L) long, state
-        (N, T_s, max_state_dim) `dtype`, embodiment_id (N,) long, all on `device`.
+        (N, T_s, max_state_dim) `dtype` on `device`; embodiment_id: the embodiment's int id (a batch is one
+        embodiment, so the model runs its per-embodiment layers as plain linears, with no per-sample gather).
         """
         if not observations:
             raise ValueError("preprocess: no observations")
         device = torch.device(device)
         sizes = [_batch_size(o, self.spec) for o in observations]
-        n = sum(sizes)
         pixel_values = self.images_to_tensor(observations, device=device, dtype=dtype, sizes=sizes)
         texts: list[str] = []
         for o in observations:
             texts.extend(_texts(o["language"][self.language_key]))
-        input_ids, attention_mask = self.tokenize(texts, device)
+        input_ids, attention_mask = self.tokenize(texts, device, fixed_length=fixed_text_length)
         if states is None:
             states = self.collect_states(observations)
         state = torch.from_numpy(self.normalize_states(states))
@@ -367,7 +372,7 @@ class Processor:
             state = state.pin_memory().to(device, dtype=dtype, non_blocking=True)
         else:
             state = state.to(dtype)
-        embodiment_id = torch.full((n,), self.spec.embodiment_id, dtype=torch.long, device=device)
+        embodiment_id = int(self.spec.embodiment_id)
         return {
             "pixel_values": pixel_values,
             "input_ids": input_ids,

@@ -129,6 +129,10 @@ class PolicyConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     strict: bool = True
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in each replica (CPU).")
+    compile: Literal["none", "torch_compile", "cuda_graphs"] = Field(
+        default="none",
+        description="Native backend: run over fixed batch buckets with torch.compile, or with it as CUDA graphs (GPU).",
+    )
 
     @model_validator(mode="after")
     def _has_source(self) -> "PolicyConfig":

@@ -114,6 +114,13 @@ class _Call:
         self.encoding: ArrayEncoding | None = None  # of the request's arrays: the reply's goes the same way
 
 
+def _device_of(description: Any) -> str:
+    """"cuda:0 (NVIDIA H100 80GB HBM3, bfloat16)" from a replica's describe(): which device it got, in the log."""
+    model = description.get("model", {}) if isinstance(description, dict) else {}
+    extra = ", ".join(str(model[k]) for k in ("device_name", "dtype") if model.get(k))
+    return f"{model.get('device', 'unknown device')}" + (f" ({extra})" if extra else "")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, num_replicas=1, max_ongoing_requests=100)
 class ZmqIngress:
     async def __init__(
@@ -232,15 +239,16 @@ class ZmqIngress:
         endpoints = ", ".join(f"tcp://{self.config.host}:{p.port} ({p.embodiment})" for p in self.config.ports)
         logger.info("ZMQ ingress listening on %s; waiting for the policies to load", endpoints)
         try:
-            await asyncio.gather(*(d.get() for d in self._describe.values()))
+            described = await asyncio.gather(*(d.get() for d in self._describe.values()))
         except Exception as exc:
             logger.error("A policy failed to load, see its deployment in `serve status`: %s", exc)
             return
+        devices = ", ".join(f"{tag} on {_device_of(d)}" for tag, d in zip(self._describe, described))
         first = self.config.ports[0]
         logger.info(
-            "Fleet ready: %s. Connect a robot: clients.PolicyClient(host=%r, port=%d), "
+            "Fleet ready: %s; %s. Connect a robot: clients.PolicyClient(host=%r, port=%d), "
             "or try `python -m clients.example --port %d`.",
-            endpoints, self.config.host, first.port, first.port,
+            endpoints, devices, self.config.host, first.port, first.port,
         )
 
     def _start_curve_auth(self, curve: CurveConfig):

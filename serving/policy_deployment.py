@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from serving.config import (
@@ -96,14 +97,6 @@ class _LoadedModel:
                 pass
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, health_check_period_s=5)
 class PolicyDeployment:
     def __init__(
@@ -130,11 +123,18 @@ class PolicyDeployment:
 
             torch.set_num_threads(config.torch_threads)
         self._config = config
-        self._device = _resolve_device(config.device)
+        # "auto" warns when a GPU is there but torch cannot use it; "cuda:N" counts this replica's GPUs only
+        # (Ray sets CUDA_VISIBLE_DEVICES from num_gpus). load_policy warms the model up (one B=1 forward), so
+        # the first robot does not pay for CUDA / cuBLAS initialisation.
+        self._device = device = policy.resolve_device(config.device)
         t0 = time.perf_counter()
-        self.policy = policy.load_policy(
-            str(path), tag, device=self._device, strict=config.strict, backend=config.backend, dtype=config.dtype
-        )
+        self.policy = policy.load_policy(str(path), tag, device=device, **self._load_kwargs())
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if device.startswith("cuda") and not self._gpu_ids:
+            logger.warning(
+                "Policy %s runs on %s but Ray assigned this replica no GPU (no num_gpus in its ray_actor_options): "
+                "Ray does not account for its GPU memory, and replicas may pile onto one GPU", tag, device,
+            )
         self.batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._checkpoint_root = checkpoint_root
@@ -153,7 +153,15 @@ class PolicyDeployment:
 
         # Decorated here, not on the class, because the limit is configuration (init args).
         self._fine_tune = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(_load_fine_tune)
-        logger.info("Policy %s ready on %s from %s", tag, self._device, path)
+        logger.info("Policy %s ready on %s (Ray GPU ids %s) from %s", tag, device, self._gpu_ids or "none", path)
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        """How every model of this replica loads (the default one and each fine-tune alike)."""
+        cfg = self._config
+        kwargs: dict[str, Any] = {"strict": cfg.strict, "backend": cfg.backend, "dtype": cfg.dtype}
+        if cfg.compile != "none":
+            kwargs["compile"] = cfg.compile
+        return kwargs
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = PolicyUserConfig(**(user_config or {}))
@@ -216,10 +224,7 @@ class PolicyDeployment:
         if source.demo_preset is not None and not (path / "config.json").exists():
             policy.ensure_demo_checkpoint(path, source.demo_preset, embodiments=(self.tag,), seed=source.demo_seed)
         t0 = time.perf_counter()
-        loaded = policy.load_policy(
-            str(path), self.tag, device=self._device, strict=self._config.strict, backend=self._config.backend,
-            dtype=self._config.dtype,
-        )
+        loaded = policy.load_policy(str(path), self.tag, device=self._device, **self._load_kwargs())
         return loaded, (time.perf_counter() - t0) * 1000.0
 
     @staticmethod
@@ -318,7 +323,9 @@ class PolicyDeployment:
         return outcomes, [timing] * len(chunk)
 
     def describe(self) -> dict[str, Any]:
-        return self.policy.describe()
+        out = self.policy.describe()
+        out.setdefault("model", {})["ray_gpu_ids"] = list(self._gpu_ids)  # the machine's ids of this replica's GPUs
+        return out
 
     async def modality_config(self) -> dict[str, Any]:
         return (await self._policy_for(serve.get_multiplexed_model_id())).get_modality_config()

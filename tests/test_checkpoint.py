@@ -160,3 +160,43 @@ def test_embodiment_tags():
     for bad in ("", "two words", "a/b", 3, None):
         with pytest.raises(ValueError, match="embodiment tag"):
             resolve_tag(bad)
+
+
+def test_ensure_builds_once_while_concurrent_callers_wait(tmp_path, monkeypatch):
+    """Replicas starting together: one builds, the others wait for it instead of building copies."""
+    out = tmp_path / "once"
+    builds = []
+    real_write = mdc.write_demo_checkpoint
+
+    def counting_write(*args, **kwargs):
+        builds.append(threading.get_ident())
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(mdc, "write_demo_checkpoint", counting_write)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            mdc.ensure_demo_checkpoint(out, "tiny", ("gr1",))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(builds) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["once"]  # no temporary copy, no lock file left
+
+
+def test_demo_model_is_built_directly_in_its_dtype():
+    import torch
+
+    before = torch.get_default_dtype()
+    model = mdc.build_demo_model("tiny", seed=0, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == before  # the process-wide default is restored
+    buffers = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    assert buffers and set(buffers.values()) == {torch.float32}  # RoPE frequencies are computed in fp32
+    assert mdc.demo_dtype("n16-3b") == torch.bfloat16 and mdc.demo_dtype("small") == torch.float32

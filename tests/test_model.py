@@ -192,7 +192,7 @@ def test_bf16_runs():
     model = build("tiny").to(torch.bfloat16)
     batch = collate([make_sample(model.config, 0, 6), make_sample(model.config, 1, 2)])
     out = model.get_action(**batch)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # integration and output stay fp32
     ref = build("tiny").get_action(**batch)
     assert (out.float() - ref).abs().max() < 0.25
 

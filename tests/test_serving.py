@@ -224,3 +224,16 @@ def test_user_config_batch_size_changes_live_without_restarting_replicas(fleet, 
         assert {info["server"]["replica"] for _, info in results} == before, "replicas restarted"
     finally:
         deploy_config([fleet.app])
+
+
+def test_info_names_the_device_each_replica_got_and_its_warm_up(fleet):
+    from serving.ingress import _device_of
+
+    for tag in ("gr1", "unitree_g1"):
+        model = fleet.embodiment(tag)["model"]
+        assert model["device"] == "cpu" and model["dtype"] == "float32", model
+        assert model["warmup_seconds"] is not None and model["warmup_seconds"] > 0, "replica warmed up at load"
+        assert model["ray_gpu_ids"] == []  # no num_gpus in the test config
+        assert _device_of(fleet.embodiment(tag)) == "cpu (float32)"  # what the 'Fleet ready' line says
+    gpu = {"model": {"device": "cuda:0", "device_name": "NVIDIA H100", "dtype": "bfloat16"}}
+    assert _device_of(gpu) == "cuda:0 (NVIDIA H100, bfloat16)"
