@@ -34,6 +34,7 @@ from serving.scheduler import (
     capacity_samples_per_s,
     plan_batch,
     predict_completion,
+    predicted_late,
     replicas_needed,
     service_ms,
 )
@@ -251,33 +252,15 @@ class EmbodimentBatcher:
     # --- edf --------------------------------------------------------------------------------------------
 
     def _shed(self, now: float) -> None:
-        """Refuse the waiting requests that the queue ahead of them makes late (predicted), earliest first.
-
-        One pass in deadline order: the kept requests fill batches of `max_batch_size` handed to whichever
-        replica frees first; a request is refused when the batch it would ride completes past its deadline
-        (refusing it frees room for the ones behind it).
-        """
-        full = service_ms(self.model, self.max_batch_size, self.overhead_ms)
-        if full is None:
+        """Refuse at once the waiting requests that the queue ahead of them makes late (predicted)."""
+        self._sorted = [p for p in self._sorted if not p.abandoned]
+        late = predicted_late(self._sorted, self._free_at(now), self.model, self.overhead_ms, self.max_batch_size)
+        if not late:
             return
-        workers = sorted(self._free_at(now))
-        kept: list[_Pending] = []
-        partial = 0  # samples already in the batch being filled
-        for p in self._sorted:
-            if p.abandoned:
-                continue
-            size = min(self.max_batch_size, partial + p.samples)
-            done = workers[0] + (service_ms(self.model, size, self.overhead_ms) or 0.0) / 1000.0
-            if done > p.deadline:
-                p.future.set_result(self._late_error(p, done, now))
-                continue
-            kept.append(p)
-            partial += p.samples
-            if partial >= self.max_batch_size:
-                workers[0] += full / 1000.0
-                workers.sort()
-                partial = 0
-        self._sorted = kept
+        gone = {id(p) for p, _ in late}
+        for p, done in late:
+            p.future.set_result(self._late_error(p, done, now))
+        self._sorted = [p for p in self._sorted if id(p) not in gone]
 
     async def _run_edf(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,9 +278,9 @@ class EmbodimentBatcher:
                 if not self._sorted:
                     continue
             now = time.time()
-            others = [t for t in self._busy_until.values()] + [now] * max(0, self.replicas - len(self._busy_until) - 1)
-            plan = plan_batch(self._sorted, now, self.model, self.overhead_ms, self.max_batch_size,
-                              other_free_at=max(now, min(others)) if others else None)
+            others = [max(now, t) for t in self._busy_until.values()]
+            others += [now] * max(0, self.replicas - len(others) - 1)
+            plan = plan_batch(self._sorted, now, self.model, self.overhead_ms, self.max_batch_size, others)
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
             for p in plan.refuse:

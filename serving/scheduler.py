@@ -105,25 +105,59 @@ def service_ms(model: ForwardTimeModel, samples: int, overhead_ms: float) -> flo
     return None if forward is None else forward + overhead_ms
 
 
+def predicted_late(
+    queue: Sequence[Queued],
+    free_at: Sequence[float],
+    model: ForwardTimeModel,
+    overhead_ms: float,
+    max_batch_size: int,
+) -> list:
+    """(request, predicted completion) of the requests of `queue` (deadline order) that would miss their
+    deadline if served in that order.
+
+    One pass: the kept requests fill batches of `max_batch_size` handed to whichever replica frees first
+    (`free_at`, epoch s); a request is late when the batch it would ride completes past its deadline, and
+    then it is left out (refusing it frees the room for the ones behind it).
+    """
+    full = service_ms(model, max_batch_size, overhead_ms)
+    if full is None or not free_at:
+        return []
+    workers = sorted(free_at)
+    late: list = []
+    partial = 0  # samples already in the batch being filled
+    for item in queue:
+        size = min(max_batch_size, partial + item.samples)
+        done = workers[0] + service_ms(model, size, overhead_ms) / 1000.0
+        if done > item.deadline:
+            late.append((item, done))
+            continue
+        partial += item.samples
+        if partial >= max_batch_size:
+            workers[0] += full / 1000.0
+            workers.sort()
+            partial = 0
+    return late
+
+
 def plan_batch(
     queue: Sequence[Queued],
     now: float,
     model: ForwardTimeModel,
     overhead_ms: float,
     max_batch_size: int,
-    other_free_at: float | None = None,
-    max_starts: int = 32,
+    others_free_at: Sequence[float] = (),
+    max_starts: int = 8,
 ) -> Plan:
     """What to send to a free replica now, from `queue` sorted by deadline (earliest first).
 
     A request that cannot make its deadline even alone on a free replica is refused. A batch is a run of
     the queue in deadline order, so its earliest deadline is its first request's; it is as large as fits
-    in `max_batch_size` samples with its predicted completion still meeting that deadline. Starting the
-    run at the head is the plain EDF choice, but a head with little slack would cut every batch small and
-    waste the replicas under load; so a run may start further down when that serves more requests on time
-    than it costs: a skipped request costs nothing if it can still make its deadline on the next replica
-    to free (`other_free_at`, else this one after this batch), and counts as lost otherwise. Requests are
-    never split. Without a model (no reply yet) the batch is simply the first `max_batch_size` samples.
+    in `max_batch_size` samples with its predicted completion still meeting that deadline. Starting the run
+    at the head is plain EDF; but under load a head with little slack would cut every batch small and
+    starve everyone behind it, so the run may start a little further down when that leaves fewer requests
+    predicted late (on this replica after the batch, and on the others, `others_free_at`). Ties go to the
+    head. Requests are never split. Without a model (no reply yet) the batch is the first
+    `max_batch_size` samples.
     """
     refuse: list = []
     live: list = []
@@ -151,19 +185,22 @@ def plan_batch(
                 break
         return batch, samples
 
+    def lost(batch: list, samples: int) -> int:
+        chosen = {id(x) for x in batch}
+        rest = [x for x in live if id(x) not in chosen]
+        done = now + service_ms(model, samples, overhead_ms) / 1000.0
+        return sum(x.samples for x, _ in predicted_late(rest, [done, *others_free_at], model, overhead_ms, max_batch_size))
+
     best, best_samples = run_from(0)
-    if model.ready:
-        best_gain, lost = best_samples, 0
+    if model.ready and len(live) > len(best):
+        best_lost = lost(best, best_samples)
         for i in range(1, min(len(live), max_starts)):
-            skipped = live[i - 1]
+            if best_lost == 0:
+                break
             batch, samples = run_from(i)
-            free = other_free_at if other_free_at is not None else now + (service_ms(model, samples, overhead_ms) or 0) / 1000.0
-            if free + (service_ms(model, skipped.samples, overhead_ms) or 0) / 1000.0 > skipped.deadline:
-                lost += skipped.samples
-            if samples - lost > best_gain:
-                best, best_samples, best_gain = batch, samples, samples - lost
-            if samples >= max_batch_size and lost == 0:
-                break  # a full batch losing nobody: nothing further down does better
+            n_lost = lost(batch, samples)
+            if n_lost < best_lost:
+                best, best_samples, best_lost = batch, samples, n_lost
     return Plan(best, refuse, service_ms(model, best_samples, overhead_ms))
 
 
