@@ -82,18 +82,20 @@ class EmbodimentBatcher:
     def __init__(
         self,
         tag: str,
-        send: Callable[[list[InferenceRequest]], Awaitable[BatchReply]],
+        send: Callable[..., Awaitable[BatchReply]],
         *,
         max_batch_size: int = 16,
         batch_wait_ms: float = 2.0,
         max_inflight: int = 4,
         max_queued: int = 512,
         scheduler: str = "edf",
+        with_load: bool = False,
     ):
         if scheduler not in ("edf", "fifo"):
             raise ValueError(f"scheduler: expected 'edf' or 'fifo', got {scheduler!r}")
         self.tag = tag
         self._send = send
+        self._with_load = with_load  # send(requests, load): the demand report autoscaling reads (see load())
         self.scheduler = scheduler
         self.max_batch_size = max_batch_size
         self.batch_wait_ms = batch_wait_ms
@@ -119,6 +121,7 @@ class EmbodimentBatcher:
         self._window_samples = 0
         self._last_rate = 0.0
         self.counts = {"refused_early": 0, "expired": 0, "on_time": 0}
+        self.fleet_load: dict[str, float] = {}  # what the ingress knows beyond this batcher (busy_replicas)
 
     def start(self) -> None:
         run = self._run_edf if self.scheduler == "edf" else self._run_fifo
@@ -182,7 +185,8 @@ class EmbodimentBatcher:
             "capacity_samples_per_s": round(cap or 0.0, 3),
             "queued_samples": float(queued_samples),
             "replicas_needed": round(replicas_needed(demand, cap, 0.8), 3),
-            "reported_at": time.time(),
+            "replicas": float(self.replicas),
+            **self.fleet_load,
         }
 
     # --- submit -----------------------------------------------------------------------------------------
@@ -403,7 +407,8 @@ class EmbodimentBatcher:
         while True:
             try:
                 # Bounded by the deadline: a hung replica must not hold an in-flight slot forever.
-                return await asyncio.wait_for(self._send(requests), max(0.0, deadline - time.time()))
+                call = self._send(requests, self.load()) if self._with_load else self._send(requests)
+                return await asyncio.wait_for(call, max(0.0, deadline - time.time()))
             except RETRYABLE:
                 attempt += 1
                 backoff = min(MAX_BACKOFF_S, 0.05 * 2**attempt)

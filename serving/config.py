@@ -48,6 +48,10 @@ class PortConfig(_Strict):
     port: int = Field(ge=1, le=65535)
     embodiment: str
     api_token: str | None = Field(default=None, description="Overrides ingress.api_token on this port.")
+    slo_ms: float | None = Field(
+        default=None, gt=0,
+        description="Deadline of a get_action on this port without options.deadline_ms (overrides the embodiment's slo_ms).",
+    )
 
     @field_validator("embodiment")
     @classmethod
@@ -83,6 +87,13 @@ class IngressConfig(_Strict):
     )
     max_queued_requests: int = Field(
         default=512, ge=1, description="get_action requests waiting per embodiment; past it new ones get 'overloaded' at once."
+    )
+    scheduler: Literal["edf", "fifo"] = Field(
+        default="edf",
+        description=(
+            "edf: earliest deadline first, batches sized to meet their earliest deadline, requests predicted to "
+            "miss theirs refused at once; fifo: the previous oldest-first micro-batching (for comparison)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -134,6 +145,15 @@ class AdmissionConfig(_Strict):
 
     request_timeout_ms: float = Field(gt=0)
     max_queued_requests: int = Field(ge=1)
+    slo_ms: float | None = Field(default=None, gt=0)
+
+    def deadline_ms(self, asked_ms: float | None, port_slo_ms: float | None) -> float:
+        """A get_action's time budget: options.deadline_ms, else the port's slo_ms, else the embodiment's,
+        else request_timeout_ms; never more than request_timeout_ms."""
+        for budget in (asked_ms, port_slo_ms, self.slo_ms):
+            if budget is not None:
+                return min(float(budget), self.request_timeout_ms)
+        return self.request_timeout_ms
 
 
 class EmbodimentConfig(PolicyConfig):
@@ -142,14 +162,22 @@ class EmbodimentConfig(PolicyConfig):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     request_timeout_ms: float | None = Field(default=None, gt=0, description="Overrides ingress.request_timeout_ms.")
     max_queued_requests: int | None = Field(default=None, ge=1, description="Overrides ingress.max_queued_requests.")
+    slo_ms: float | None = Field(
+        default=None, gt=0,
+        description=(
+            "Deadline of this embodiment's get_action requests that carry no options.deadline_ms (a port's "
+            "slo_ms overrides it); default request_timeout_ms. Set it to the time a robot's action chunk lasts."
+        ),
+    )
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(**self.model_dump(exclude={"batching", "request_timeout_ms", "max_queued_requests"}))
+        return PolicyConfig(**self.model_dump(exclude={"batching", "request_timeout_ms", "max_queued_requests", "slo_ms"}))
 
     def admission(self, ingress: IngressConfig) -> AdmissionConfig:
         return AdmissionConfig(
             request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
             max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
+            slo_ms=self.slo_ms,
         )
 
 

@@ -46,6 +46,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that was not
 
 KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
 METRICS_FLUSH_S = 1.0
+REPLICA_WATCH_S = 2.0
 
 
 class _Once:
@@ -118,9 +119,11 @@ class ZmqIngress:
             # Batching starts at the defaults and follows each replica's live user_config from its first reply.
             self.batchers[tag] = EmbodimentBatcher(
                 tag,
-                (lambda reqs, h=handle: h.infer.remote(reqs)),
+                (lambda reqs, load, h=handle: h.infer.remote(reqs, load)),
                 max_inflight=config.max_inflight_batches,
                 max_queued=admission[tag].max_queued_requests,
+                scheduler=config.scheduler,
+                with_load=True,
             )
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
             self._modality[tag] = _Once(lambda h=handle: h.modality_config.remote())
@@ -135,7 +138,8 @@ class ZmqIngress:
         self._metrics = MetricsBuffer(FleetMetrics())
         self._robots: dict[int, int] = {}
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._flush_metrics(), name="metrics")]
+        self._background = [loop.create_task(self._flush_metrics(), name="metrics"),
+                            loop.create_task(self._watch_replicas(), name="replicas")]
         for port in config.ports:
             sock = self._bind(port)
             self._sockets.append(sock)
@@ -232,7 +236,7 @@ class ZmqIngress:
         tag = self.router.resolve(env.embodiment_tag or port.embodiment)
         call.embodiment = tag
         if env.endpoint == "get_action":
-            return await self._get_action(tag, env.data, received)
+            return await self._get_action(tag, env.data, received, port.slo_ms)
         if env.endpoint == "ping":
             return {"status": "ok", "message": "Server is running", "embodiment_tag": tag}
         if env.endpoint == "get_modality_config":
@@ -245,20 +249,19 @@ class ZmqIngress:
             raise RequestError(KILL_REFUSED, "refused")
         raise RequestError(f"endpoint: {env.endpoint!r} is not served")  # parse_envelope lets only known ones through
 
-    async def _get_action(self, tag: str, data: dict, received: float) -> Any:
+    async def _get_action(self, tag: str, data: dict, received: float, port_slo_ms: float | None = None) -> Any:
         req = parse_action_request(data)
         if not 1 <= req.samples <= self.config.max_batch_per_request:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
             )
-        budget_ms = self.admission[tag].request_timeout_ms
-        options = req.options
+        options, asked = req.options, None
         if options is not None and "deadline_ms" in options:
             options = dict(options)
             asked = options.pop("deadline_ms")  # ours, not the policy's
             if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
                 raise RequestError(f"options.deadline_ms: expected a positive number of milliseconds, got {asked!r:.40}")
-            budget_ms = min(budget_ms, float(asked))
+        budget_ms = self.admission[tag].deadline_ms(asked, port_slo_ms)
         delivered = await self.batchers[tag].submit(
             InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0
         )
@@ -289,6 +292,27 @@ class ZmqIngress:
             self._metrics.flush()
             for tag, b in self.batchers.items():
                 self._metrics.sink.queue_depth.set(b.queued, tags={"embodiment": tag})
+
+    async def _watch_replicas(self) -> None:
+        """Tell each batcher how many replicas its deployment runs (Serve's status), so the EDF scheduler
+        keeps every replica busy, including one autoscaling just added."""
+        names = {tag: handle.deployment_name for tag, handle in self.router.items()}
+        app = serve.get_replica_context().app_name
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[app].deployments
+                for tag, name in names.items():
+                    if name in deployments:
+                        running = deployments[name].replica_states.get("RUNNING", 0)
+                        self.batchers[tag].set_replicas(running)
+                # Replicas with work to do, over every embodiment: the replicas share the cores by this count.
+                busy = sum(b.replicas for b in self.batchers.values() if b.demand_samples_per_s() > 0)
+                for b in self.batchers.values():
+                    b.fleet_load["busy_replicas"] = float(max(1, busy))
+            except Exception as exc:  # the controller restarting: the batchers keep what they knew
+                logger.debug("replica count unavailable: %s", exc)
+            await asyncio.sleep(REPLICA_WATCH_S)
 
     async def _count_robots(self, sock: zmq.asyncio.Socket, port: int) -> None:
         """Robots connected to a port, from ZMQ's socket monitor (accepted minus disconnected peers)."""

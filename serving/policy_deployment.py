@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from ray import serve
 
 from serving.config import BatchingConfig, PolicyConfig
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+from serving.scheduler import ForwardTimeModel
+
+# The ingress's demand report rides on every batch; older than this, the embodiment is idle (autoscaling
+# sees no demand and scales down).
+LOAD_STALE_S = 5.0
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,11 +82,19 @@ class PolicyDeployment:
         if config.demo_preset is not None and not (path / "config.json").exists():
             logger.info("Building the %r demo checkpoint for %s at %s (offline, once)", config.demo_preset, tag, path)
             policy.ensure_demo_checkpoint(path, config.demo_preset, embodiments=(tag,))
-        if config.torch_threads:
-            import torch
+        import torch
 
+        self._torch = torch
+        if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         device = _resolve_device(config.device)
+        # No torch_threads given, on a CPU: use the cores the other busy replicas leave free (see _threads_for).
+        self._adaptive_threads = not config.torch_threads and device == "cpu"
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._load: dict[str, float] = {}
+        self._load_at = 0.0
+        self._inflight_samples = 0
+        self.model = ForwardTimeModel()
         self.policy = policy.load_policy(
             str(path), tag, device=device, strict=config.strict, backend=config.backend, dtype=config.dtype
         )
@@ -92,8 +106,44 @@ class PolicyDeployment:
         self.batching = BatchingConfig(**(user_config or {}))
         self._merge.set_max_batch_size(self.batching.max_batch_size)
 
-    async def infer(self, requests: list[InferenceRequest]) -> BatchReply:
-        return await self._merge(requests)
+    async def infer(self, requests: list[InferenceRequest], load: dict[str, float] | None = None) -> BatchReply:
+        """One batch from an ingress; `load` is its demand report (serving.batcher.EmbodimentBatcher.load)."""
+        if load:
+            self._load, self._load_at = load, time.time()
+        samples = sum(r.samples for r in requests)
+        self._inflight_samples += samples
+        try:
+            return await self._merge(requests)
+        finally:
+            self._inflight_samples -= samples
+
+    def _current_load(self) -> dict[str, float]:
+        return self._load if time.time() - self._load_at < LOAD_STALE_S else {}
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """What serving.routing.SampleBalancedRouter weighs replicas by (Serve polls it)."""
+        return {"inflight_samples": float(self._inflight_samples), "fixed_ms": self.model.fixed_ms,
+                "per_sample_ms": self.model.per_sample_ms}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What serving.autoscaling.slo_autoscaling_policy scales on: the ingress's latest demand report."""
+        load = self._current_load()
+        return {
+            "replicas_needed": float(load.get("replicas_needed", 0.0)),
+            "demand_samples_per_s": float(load.get("demand_samples_per_s", 0.0)),
+            "queued_samples": float(load.get("queued_samples", 0.0)),
+            "inflight_samples": float(self._inflight_samples),
+        }
+
+    def _threads_for(self) -> int:
+        """Torch threads for the next forward pass: this node's cores shared by the busy replicas.
+
+        Ray gives an actor below one CPU one OpenMP thread; a replica alone on a 2-core machine would leave a
+        core idle at one robot. The ingress reports how many replicas run busy deployments (`busy_replicas`);
+        each takes an equal share of the cores, at least one, so a second replica gets its core back.
+        """
+        busy = int(self._current_load().get("busy_replicas", 1) or 1)
+        return max(1, self._cores // max(1, busy))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _merge(self, calls: list[list[InferenceRequest]]) -> list[BatchReply]:
@@ -115,6 +165,10 @@ class PolicyDeployment:
         return replies
 
     def _forward(self, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
+        if self._adaptive_threads:
+            threads = self._threads_for()
+            if threads != self._torch.get_num_threads():
+                self._torch.set_num_threads(threads)
         started = time.time()
         t0 = time.perf_counter()
         # A request whose robot has already been told "deadline exceeded" is not worth a forward pass.
@@ -133,6 +187,8 @@ class PolicyDeployment:
         batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
         outcomes = [_outcome(res) for res in results]
         timing = {"forward_start": started, "infer_ms": infer_ms, "batch_size": float(batch_size)}
+        if batch_size:
+            self.model.observe(batch_size, infer_ms)
         return outcomes, [timing] * len(chunk)
 
     def describe(self) -> dict[str, Any]:
