@@ -293,7 +293,8 @@ class EmbodimentBatcher:
             if not plan.batch:
                 continue
             await self._slots.acquire()
-            task = loop.create_task(self._dispatch(plan.batch, plan.predicted_ms))
+            forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
+            task = loop.create_task(self._dispatch(plan.batch, forward_ms))
             self._inflight.add(task)
             self._busy_until[task] = now + (plan.predicted_ms or 0.0) / 1000.0
             task.add_done_callback(self._batch_done)

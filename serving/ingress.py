@@ -84,6 +84,16 @@ def _rss_mb() -> float:
         return -1.0
 
 
+def slo_outcome(outcome: str, reply: Any) -> str:
+    """How a get_action ended against its deadline, for fleetserve_slo_requests_total (serving/metrics.py)."""
+    if outcome == "ok":
+        return "on_time"  # the batcher never hands over an action after its deadline
+    if outcome == "deadline":
+        early = isinstance(reply, dict) and str(reply.get("error", "")).startswith("deadline: refused early")
+        return "refused_early" if early else "expired"
+    return "error"
+
+
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
@@ -222,6 +232,8 @@ class ZmqIngress:
         except Exception as exc:
             payload, call.outcome = packb({"error": f"internal error: reply could not be encoded: {exc}"}), "internal"
         self._metrics.request(call.embodiment, call.endpoint, call.outcome)
+        if call.endpoint == "get_action":
+            self._metrics.slo(call.embodiment, port.port, slo_outcome(call.outcome, reply))
         await sock.send_multipart([frames[0], b"", payload], copy=False)
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
@@ -269,7 +281,8 @@ class ZmqIngress:
         if outcome.error is not None:
             raise RequestError(outcome.error, outcome.error_kind or "policy")
         total_ms = (time.time() - received) * 1000.0
-        self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms)
+        self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms,
+                             delivered.predicted_ms)
         info = dict(outcome.info)
         info["server"] = {
             "batch_size": delivered.batch_size,
@@ -277,6 +290,7 @@ class ZmqIngress:
             "replica": delivered.replica,
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
+            "deadline_ms": round(budget_ms, 3),
             "total_ms": round(total_ms, 3),
         }
         return format_action_reply(req, outcome.action, info)
