@@ -841,6 +841,11 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--slo" in argv:  # the SLO mode: robots at a control rate with deadlines (bench/slo.py)
+        from bench.slo import main as slo_main
+
+        return slo_main([a for a in argv if a != "--slo"])
     plan = build_plan(argv)
     if plan.gpu:
         import torch

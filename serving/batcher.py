@@ -152,12 +152,17 @@ class EmbodimentBatcher:
         return max(1, self._replicas_hint, seen)
 
     def _edf_slots(self) -> int:
-        return min(self.max_inflight, self.replicas)
+        # One batch per replica, plus one waiting behind them: a replica that finishes starts the next batch at
+        # once instead of after a round trip to the ingress. The waiting one is planned from its predicted start.
+        return min(self.max_inflight, self.replicas + 1)
 
     def _free_at(self, now: float) -> list[float]:
         """When each replica finishes what it runs now (predicted); `now` for idle ones."""
-        busy = sorted(self._busy_until.values())
-        return (busy + [now] * max(0, self.replicas - len(busy)))[: max(1, self.replicas)]
+        busy = sorted(max(now, t) for t in self._busy_until.values())
+        replicas = max(1, self.replicas)
+        if len(busy) > replicas:  # a batch waits behind a running one: the latest ends are when replicas free
+            return busy[-replicas:]
+        return busy + [now] * (replicas - len(busy))
 
     def _note_arrival(self, samples: int) -> None:
         now = time.time()
@@ -172,8 +177,8 @@ class EmbodimentBatcher:
         elapsed = now - self._window_start
         if elapsed >= 4.0:  # nothing arrived for two windows: no demand
             return self._window_samples / elapsed
-        current = self._window_samples / max(elapsed, 1e-3)
-        return max(self._last_rate, current) if elapsed >= 0.5 else self._last_rate
+        current = self._window_samples / max(elapsed, 0.5)  # the first half second alone would overshoot
+        return max(self._last_rate, current)
 
     def load(self) -> dict[str, float]:
         """What autoscaling needs to know about this embodiment's demand (sent along with each batch)."""
@@ -282,21 +287,24 @@ class EmbodimentBatcher:
                 if not self._sorted:
                     continue
             now = time.time()
-            others = [max(now, t) for t in self._busy_until.values()]
-            others += [now] * max(0, self.replicas - len(others) - 1)
-            plan = plan_batch(self._sorted, now, self.model, self.overhead_ms, self.max_batch_size, others)
+            busy = sorted(max(now, t) for t in self._busy_until.values())
+            idle = max(0, self.replicas - len(busy))
+            # The batch starts now on an idle replica, else when the first busy one is predicted to finish.
+            start = now if idle else busy.pop(0)
+            others = busy + [now] * max(0, idle - 1)
+            plan = plan_batch(self._sorted, start, self.model, self.overhead_ms, self.max_batch_size, others)
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
             for p in plan.refuse:
                 alone_ms = service_ms(self.model, p.samples, self.overhead_ms) or 0.0
-                p.future.set_result(self._late_error(p, now + alone_ms / 1000.0, now))
+                p.future.set_result(self._late_error(p, start + alone_ms / 1000.0, now))
             if not plan.batch:
                 continue
             await self._slots.acquire()
             forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
             task = loop.create_task(self._dispatch(plan.batch, forward_ms))
             self._inflight.add(task)
-            self._busy_until[task] = now + (plan.predicted_ms or 0.0) / 1000.0
+            self._busy_until[task] = start + (plan.predicted_ms or 0.0) / 1000.0
             task.add_done_callback(self._batch_done)
             self._shed(now)
 
