@@ -19,6 +19,7 @@ from ray import serve
 
 from serving.config import BatchingConfig, PolicyConfig
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+from serving.cores import FreeCores
 from serving.scheduler import ForwardTimeModel
 
 # The ingress's demand report rides on every batch; older than this, the embodiment is idle (autoscaling
@@ -91,6 +92,7 @@ class PolicyDeployment:
         # No torch_threads given, on a CPU: use the cores the other busy replicas leave free (see _threads_for).
         self._adaptive_threads = not config.torch_threads and device == "cpu"
         self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._free_cores = FreeCores(self._cores)
         self._load: dict[str, float] = {}
         self._load_at = 0.0
         self._inflight_samples = 0
@@ -136,14 +138,17 @@ class PolicyDeployment:
         }
 
     def _threads_for(self) -> int:
-        """Torch threads for the next forward pass: this node's cores shared by the busy replicas.
+        """Torch threads for the next forward pass: the cores free on this node, within this replica's share.
 
         Ray gives an actor below one CPU one OpenMP thread; a replica alone on a 2-core machine would leave a
         core idle at one robot. The ingress reports how many replicas run busy deployments (`busy_replicas`);
-        each takes an equal share of the cores, at least one, so a second replica gets its core back.
+        each may take an equal share of the cores, and of that only what other processes leave idle
+        (serving/cores.py), so a second replica, or anything else busy on the node, gets its core back.
         """
         busy = int(self._current_load().get("busy_replicas", 1) or 1)
-        return max(1, self._cores // max(1, busy))
+        share = max(1, self._cores // max(1, busy))
+        threads = self._free_cores.threads(share)
+        return self._torch.get_num_threads() if threads is None else threads
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _merge(self, calls: list[list[InferenceRequest]]) -> list[BatchReply]:

@@ -332,3 +332,14 @@ def test_batcher_reports_demand_and_the_replicas_it_needs():
             await b.close()
 
     asyncio.run(main())
+
+
+def test_free_cores_stay_within_the_share_and_at_least_one():
+    from serving.cores import FreeCores
+
+    cores = FreeCores(4, period_s=0.0)
+    for share in (1, 2, 4):
+        threads = cores.threads(share)
+        assert threads is None or 1 <= threads <= share
+    usable = cores.measure()
+    assert usable is None or 0.0 <= usable <= 4.5  # idle + own, in cores (jiffy rounding aside)
