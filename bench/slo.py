@@ -19,7 +19,7 @@ slo-<stamp>-<preset>.png (attainment and goodput against robots).
 
     python -m bench.slo                  # the measurement (small preset; ~25 min on a 2-core machine)
     python -m bench.slo --quick          # smoke run: tiny preset, levels 1x and 4x, short windows
-    make bench ARGS=--slo  /  python -m bench.run --slo ...   # the same, from the benchmark entry point
+    python -m bench.run --slo ...        # the same, from the entry point `make bench` runs
 """
 
 from __future__ import annotations
