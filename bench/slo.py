@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import zmq
 import zmq.asyncio
 
-from bench.run import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, free_port, log, machine_info
+from bench.run import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info
 from clients.codec import packb, unpackb
 from clients.fleet import build_payloads, embodiment_of, fetch_info, parse_target
 
