@@ -205,7 +205,7 @@ def run_server(label: str, target: str, args, deadlines: dict[str, float], robot
             "points": points, "largest_fleet_at_99": max(served_at_goal) if served_at_goal else 0}
 
 
-def check_targets(edf: dict[str, Any], capacity: float, levels: Sequence[float], hz: float) -> list[dict[str, Any]]:
+def check_targets(edf: dict[str, Any], capacity: float, hz: float) -> list[dict[str, Any]]:
     top = max(edf["points"], key=lambda p: p["robots"])
     level = top["robots"] * hz / capacity
     a = top["all"]
@@ -329,8 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label:>7} closed-loop capacity {server['capacity_samples_per_s']:.2f}/s; largest fleet at >= 99% "
               f"attainment: {server['largest_fleet_at_99']} robots")
     if "edf" in results["servers"]:
-        targets = check_targets(results["servers"]["edf"], results["servers"]["edf"]["capacity_samples_per_s"],
-                                args.levels, args.hz)
+        targets = check_targets(results["servers"]["edf"], results["servers"]["edf"]["capacity_samples_per_s"], args.hz)
         results["targets"] = targets
         print("\nDone-when targets (edf):")
         for t in targets:
