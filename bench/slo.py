@@ -253,6 +253,21 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     return str(path)
 
 
+def start_app(config: dict[str, Any], port: int, config_path: Path, log_path: Path, attempts: int = 3) -> ServeRun:
+    """`serve run` of the app, ready to answer; retried: a busy machine can miss Ray's fixed 30 s node startup."""
+    for attempt in range(1, attempts + 1):
+        runner = ServeRun(config, config_path, log_path)
+        try:
+            runner.wait_ready(f"127.0.0.1:{port}")
+            return runner
+        except RuntimeError as exc:
+            runner.stop()
+            if attempt == attempts:
+                raise
+            log(f"  app did not start ({exc}); retrying ({attempt}/{attempts})")
+    raise AssertionError("unreachable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.slo", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model size (default small; tiny with --quick)")
@@ -298,9 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             app["route_prefix"] = f"/slo-{label}"
             app["args"]["ingress"]["scheduler"] = label
             port = next(p["port"] for p in app["args"]["ingress"]["ports"] if p["embodiment"] == "gr1")
-            runner = ServeRun(config, RESULTS / f"slo-config-{stamp}-{label}.yaml", RESULTS / f"slo-serve-{stamp}-{label}.log")
+            runner = start_app(config, port, RESULTS / f"slo-config-{stamp}-{label}.yaml",
+                               RESULTS / f"slo-serve-{stamp}-{label}.log")
             try:
-                runner.wait_ready(f"127.0.0.1:{port}")
                 results["servers"][label] = run_server(label, f"127.0.0.1:{port}", args, deadlines, robot_counts, image_size)
             finally:
                 runner.stop()
