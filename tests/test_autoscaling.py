@@ -32,7 +32,9 @@ AUTOSCALING = {
     "min_replicas": 1,
     "initial_replicas": 1,
     "max_replicas": 2,
-    "target_ongoing_requests": 1,  # Serve's own policy, only until the first demand report
+    # Serve's own policy (used only until replicas report demand) would never scale out at this target: a
+    # scale-out below proves the SLO policy decided it.
+    "target_ongoing_requests": 100,
     "policy": {"policy_function": "serving.autoscaling:slo_autoscaling_policy"},
     "upscale_delay_s": 1,
     "downscale_delay_s": 4,
