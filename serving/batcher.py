@@ -302,7 +302,8 @@ class EmbodimentBatcher:
                 continue
             await self._slots.acquire()
             forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
-            task = loop.create_task(self._dispatch(plan.batch, forward_ms))
+            # A batch sent behind a running one waits at the replica: its call time is not overhead.
+            task = loop.create_task(self._dispatch(plan.batch, forward_ms, learn_overhead=start <= now))
             self._inflight.add(task)
             self._busy_until[task] = start + (plan.predicted_ms or 0.0) / 1000.0
             task.add_done_callback(self._batch_done)
@@ -356,13 +357,13 @@ class EmbodimentBatcher:
                     break
                 batch.append(item)
                 samples += item.request.samples
-            task = loop.create_task(self._dispatch(batch, None))
+            task = loop.create_task(self._dispatch(batch, None, learn_overhead=len(self._inflight) == 0))
             self._inflight.add(task)
             task.add_done_callback(self._batch_done)
 
     # --- both -------------------------------------------------------------------------------------------
 
-    async def _dispatch(self, batch: list[_Pending], predicted_ms: float | None) -> None:
+    async def _dispatch(self, batch: list[_Pending], predicted_ms: float | None, learn_overhead: bool = True) -> None:
         started = time.time()
         try:
             reply = await self._call_with_retry([p.request for p in batch], max(p.deadline for p in batch))
@@ -381,7 +382,7 @@ class EmbodimentBatcher:
         finally:
             self._slots.release()
         finished = time.time()
-        self._learn(reply, (finished - started) * 1000.0)
+        self._learn(reply, (finished - started) * 1000.0 if learn_overhead else math.nan)
         # Follow the replica's live user_config (max_batch_size, batch_wait_ms) from the next batch on.
         self.max_batch_size, self.batch_wait_ms = reply.max_batch_size, reply.batch_wait_ms
         for p, outcome, timing in zip(batch, reply.outcomes, reply.timings):

@@ -155,8 +155,9 @@ def plan_batch(
     in `max_batch_size` samples with its predicted completion still meeting that deadline. Starting the run
     at the head is plain EDF; but under load a head with little slack would cut every batch small and
     starve everyone behind it, so the run may start a little further down when that leaves fewer requests
-    predicted late (on this replica after the batch, and on the others, `others_free_at`). Ties go to the
-    head. Requests are never split. Without a model (no reply yet) the batch is the first
+    predicted late (on this replica after the batch, and on the others, `others_free_at`), and, with a full
+    batch waiting, when the head would cut the batch below half its full size. Ties go to the head. Requests
+    are never split. Without a model (no reply yet) the batch is the first
     `max_batch_size` samples.
     """
     refuse: list = []
@@ -193,14 +194,18 @@ def plan_batch(
 
     best, best_samples = run_from(0)
     if model.ready and len(live) > len(best):
-        best_lost = lost(best, best_samples)
+        # Under load (a full batch waiting) a batch below half the full size wastes the replica: such a run
+        # only wins when no longer run exists; its head then waits, and is refused if it can no longer make it.
+        waiting = sum(x.samples for x in live)
+        floor = max_batch_size // 2 if waiting >= max_batch_size else 0
+        best_key = (best_samples < floor, lost(best, best_samples))
         for i in range(1, min(len(live), max_starts)):
-            if best_lost == 0:
+            if best_key == (False, 0):
                 break
             batch, samples = run_from(i)
-            n_lost = lost(batch, samples)
-            if n_lost < best_lost:
-                best, best_samples, best_lost = batch, samples, n_lost
+            key = (samples < floor, lost(batch, samples))
+            if key < best_key:
+                best, best_samples, best_key = batch, samples, key
     return Plan(best, refuse, service_ms(model, best_samples, overhead_ms))
 
 

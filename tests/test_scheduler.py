@@ -95,10 +95,14 @@ def test_plan_cuts_the_batch_where_the_earliest_deadline_would_be_missed():
     m = fitted(40.0, 10.0)  # a batch of n: 40 + 10 n ms
     now = 1000.0
     # earliest deadline 0.105 s away: 6 samples (100 ms) meet it, 7 (110 ms) would not
-    queue = [Item(now + 0.105)] + [Item(now + 5.0) for _ in range(15)]
+    queue = [Item(now + 0.105)] + [Item(now + 5.0) for _ in range(9)]
     plan = plan_batch(queue, now, m, overhead_ms=0.0, max_batch_size=16)
     assert len(plan.batch) == 6 and not plan.refuse
     assert plan.predicted_ms == pytest.approx(100.0, rel=0.05)
+    # with a full batch waiting (load), a head that would cut the batch below half its size waits instead
+    queue = [Item(now + 0.105)] + [Item(now + 5.0) for _ in range(20)]
+    plan = plan_batch(queue, now, m, overhead_ms=0.0, max_batch_size=16)
+    assert queue[0] not in plan.batch and len(plan.batch) == 16
     # all with slack: the batch fills up to max_batch_size
     plan = plan_batch([Item(now + 5.0) for _ in range(20)], now, m, 0.0, 16)
     assert sum(i.samples for i in plan.batch) == 16
