@@ -142,13 +142,13 @@ async def _warm(batcher: EmbodimentBatcher, n: int = 12) -> None:
 def test_a_lone_robot_is_sent_at_once():
     async def main():
         fake = FakeReplicas(20.0, 5.0)
-        b = EmbodimentBatcher("gr1", fake.send, batch_wait_ms=500.0)
+        b = EmbodimentBatcher("gr1", fake.send, batch_wait_ms=2000.0)
         b.start()
         try:
             for _ in range(3):
                 got = await b.submit(request(), time.time(), time.time() + 5.0)
                 assert got.outcome.error is None and got.batch_size == 1
-                assert got.queue_ms < 100.0  # not the 500 ms batch wait: nothing else was in flight
+                assert got.queue_ms < 1000.0  # not the 2 s batch wait: nothing else was in flight
         finally:
             await b.close()
 
@@ -186,8 +186,9 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_saying_why()
             with pytest.raises(RequestError) as err:
                 await b.submit(request(), t0, t0 + 0.020)  # a forward pass alone takes 60 ms
             assert err.value.kind == "deadline"
-            assert "predicted" in str(err.value) and "allows 20 ms" in str(err.value)
-            assert time.time() - t0 < 0.015  # answered before its deadline, not at it
+            # the prediction path (at once), not the expiry one (at the deadline): the message says which
+            assert str(err.value).startswith("deadline: refused early, predicted")
+            assert "allows 20 ms" in str(err.value)
             assert b.counts["refused_early"] == 1
         finally:
             await b.close()
