@@ -152,17 +152,20 @@ class EmbodimentBatcher:
         return max(1, self._replicas_hint, seen)
 
     def _edf_slots(self) -> int:
-        # One batch per replica, plus one waiting behind them: a replica that finishes starts the next batch at
-        # once instead of after a round trip to the ingress. The waiting one is planned from its predicted start.
-        return min(self.max_inflight, self.replicas + 1)
+        # One batch per replica, plus batches waiting behind them, so a replica that finishes starts the next at
+        # once instead of after a round trip to the ingress: for a small model the round trip is longer than
+        # the forward pass. Each waiting batch is planned from its predicted start (see _free_at).
+        # At most max_inflight_batches (keep it above the replica count).
+        return self.max_inflight
 
     def _free_at(self, now: float) -> list[float]:
         """When each replica finishes what it runs now (predicted); `now` for idle ones."""
-        busy = sorted(max(now, t) for t in self._busy_until.values())
         replicas = max(1, self.replicas)
-        if len(busy) > replicas:  # a batch waits behind a running one: the latest ends are when replicas free
-            return busy[-replicas:]
-        return busy + [now] * (replicas - len(busy))
+        free = [now] * replicas
+        for end in sorted(self._busy_until.values()):  # batches in dispatch order run on the first free replica
+            free.sort()
+            free[0] = max(free[0], end)
+        return sorted(free)
 
     def _note_arrival(self, samples: int) -> None:
         now = time.time()
@@ -287,11 +290,8 @@ class EmbodimentBatcher:
                 if not self._sorted:
                     continue
             now = time.time()
-            busy = sorted(max(now, t) for t in self._busy_until.values())
-            idle = max(0, self.replicas - len(busy))
-            # The batch starts now on an idle replica, else when the first busy one is predicted to finish.
-            start = now if idle else busy.pop(0)
-            others = busy + [now] * max(0, idle - 1)
+            # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
+            start, *others = self._free_at(now)
             plan = plan_batch(self._sorted, start, self.model, self.overhead_ms, self.max_batch_size, others)
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
