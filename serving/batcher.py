@@ -152,11 +152,15 @@ class EmbodimentBatcher:
         return max(1, self._replicas_hint, seen)
 
     def _edf_slots(self) -> int:
-        # One batch per replica, plus batches waiting behind them, so a replica that finishes starts the next at
-        # once instead of after a round trip to the ingress: for a small model the round trip is longer than
-        # the forward pass. Each waiting batch is planned from its predicted start (see _free_at).
-        # At most max_inflight_batches (keep it above the replica count).
-        return self.max_inflight
+        """Batches in flight: one per replica, plus one waiting behind each when the round trip to the replica
+        is a noticeable share of a forward pass (a small model), so a replica that finishes starts the next at
+        once. Not more: a batch sent ahead is a commitment that a later, more urgent request cannot pass. Each
+        waiting batch is planned from its predicted start (see _free_at). At most max_inflight_batches."""
+        full = self.model.predict(self.max_batch_size)
+        if full is None:
+            return self.max_inflight
+        depth = 1 + max(0, math.ceil(self.overhead_ms / max(full, 1e-3) - 0.1))
+        return max(1, min(self.max_inflight, self.replicas * min(depth, 2)))
 
     def _free_at(self, now: float) -> list[float]:
         """When each replica finishes what it runs now (predicted); `now` for idle ones."""

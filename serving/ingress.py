@@ -47,7 +47,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that was not
 KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
 METRICS_FLUSH_S = 1.0
 REPLICA_WATCH_S = 2.0
-DELIVERY_MARGIN_S = 0.010  # at most; 5% of a short deadline
+DELIVERY_MARGIN_S = 0.015  # at most; 10% of a short deadline
 
 
 class _Once:
@@ -277,7 +277,7 @@ class ZmqIngress:
         budget_ms = self.admission[tag].deadline_ms(asked, port_slo_ms)
         # The robot's clock started before ours and stops after the reply crosses the network: the scheduler
         # aims a little before the deadline, so an action it delivers is still on time where the robot is.
-        margin_s = min(DELIVERY_MARGIN_S, 0.05 * budget_ms / 1000.0)
+        margin_s = min(DELIVERY_MARGIN_S, 0.1 * budget_ms / 1000.0)
         delivered = await self.batchers[tag].submit(
             InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0 - margin_s
         )
