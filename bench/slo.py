@@ -1,8 +1,8 @@
 """SLO benchmark: on-time goodput and deadline attainment of robots at a control rate, under overload.
 
 A robot needs its next action chunk before the current one runs out. Here each robot ticks at `--hz`, keeps
-one request outstanding (a GR00T REQ robot), and carries a deadline: half the robots a tight one, half a
-loose one (`options.deadline_ms`). An action that arrives after its deadline is worth nothing. Compared, on
+one request outstanding (a GR00T REQ robot), and carries a deadline (`options.deadline_ms`): a share of the
+robots (`--tight-share`, 0.2) a tight one, the others a loose one. An action that arrives after its deadline is worth nothing. Compared, on
 the same model and machine, one after the other:
 
 - `edf`: fleetserve as `make serve` starts it (serve_config.yaml, the EDF scheduler);
@@ -133,16 +133,21 @@ async def _robot(ctx, address: str, payload: bytes, hz: float | None, deadline_m
 
 
 async def _drive(address: str, payloads: dict[str, bytes], robots: int, hz: float | None, deadlines: dict[str, float],
-                 warmup_s: float, window_s: float, answer_grace_s: float) -> dict[str, ClassStats]:
+                 warmup_s: float, window_s: float, answer_grace_s: float, tight_share: float) -> dict[str, ClassStats]:
     ctx = zmq.asyncio.Context()
     start = time.time() + warmup_s
     window = (start, start + window_s)
     stats = {cls: ClassStats() for cls in deadlines}
-    classes = list(deadlines)
+    every = max(1, round(1.0 / tight_share)) if tight_share > 0 else 0
+
+    def cls_of(i: int) -> str:  # robot 0, every-th after it, is tight (one class only: that one)
+        if len(deadlines) == 1:
+            return next(iter(deadlines))
+        return "tight" if every and i % every == 0 else "loose"
+
     try:
         await asyncio.gather(*(
-            _robot(ctx, address, payloads[classes[i % len(classes)]], hz, deadlines[classes[i % len(classes)]], window,
-                   stats[classes[i % len(classes)]], answer_grace_s)
+            _robot(ctx, address, payloads[cls_of(i)], hz, deadlines[cls_of(i)], window, stats[cls_of(i)], answer_grace_s)
             for i in range(robots)
         ))
     finally:
@@ -151,8 +156,9 @@ async def _drive(address: str, payloads: dict[str, bytes], robots: int, hz: floa
 
 
 def drive(address: str, payloads: dict[str, bytes], robots: int, hz: float | None, deadlines: dict[str, float],
-          warmup_s: float, window_s: float, answer_grace_s: float = 1.0) -> dict[str, Any]:
-    stats = asyncio.run(_drive(address, payloads, robots, hz, deadlines, warmup_s, window_s, answer_grace_s))
+          warmup_s: float, window_s: float, answer_grace_s: float = 1.0, tight_share: float = 0.5) -> dict[str, Any]:
+    stats = asyncio.run(_drive(address, payloads, robots, hz, deadlines, warmup_s, window_s, answer_grace_s,
+                               tight_share))
     per_class = {cls: s.summary(window_s) for cls, s in stats.items()}
     total = ClassStats()
     for s in stats.values():
@@ -191,7 +197,7 @@ def run_server(label: str, target: str, args, deadlines: dict[str, float], robot
         robot_counts = sorted({max(1, round(level * capacity / args.hz)) for level in args.levels})
     points = []
     for n in robot_counts:
-        p = drive(address, payloads, n, args.hz, deadlines, args.warmup, args.duration)
+        p = drive(address, payloads, n, args.hz, deadlines, args.warmup, args.duration, tight_share=args.tight_share)
         p["offered_samples_per_s"] = n * args.hz
         a = p["all"]
         log(f"  {label} {n:4d} robots ({n * args.hz / capacity:.1f}x): goodput {a['goodput']:.2f}/s, attainment "
@@ -275,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hz", type=float, default=None, help="robots' control rate")
     p.add_argument("--tight-ms", type=float, default=None)
     p.add_argument("--loose-ms", type=float, default=None)
+    p.add_argument("--tight-share", type=float, default=0.2,
+                   help="share of the robots in the tight class (default 0.2: at 4x overload the tight robots alone "
+                        "ask 0.8x capacity, which the loose ones' slack must make room for)")
     p.add_argument("--duration", type=float, default=None, help="measured window per point, s (default 30)")
     p.add_argument("--warmup", type=float, default=None, help="s before each window (default 8)")
     p.add_argument("--servers", default="edf,fifo,serial", help="which of edf, fifo, serial")
@@ -300,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"SLO bench: {preset}, robots at {args.hz} Hz, deadlines {deadlines} ms, levels {args.levels}x capacity, "
         f"windows {args.duration:.0f} s, servers {servers}")
     results: dict[str, Any] = {"preset": preset, "hz": args.hz, "deadlines_ms": deadlines, "levels": args.levels,
+                               "tight_share": args.tight_share,
                                "machine": machine_info(args.device), "servers": {}, "command": "python -m bench.slo "
                                + " ".join(argv or [])}
     robot_counts = None
