@@ -2,8 +2,8 @@
 
 A robot needs its next action chunk before the current one runs out. Here each robot ticks at `--hz`, keeps
 one request outstanding (a GR00T REQ robot), and carries a deadline (`options.deadline_ms`): a share of the
-robots (`--tight-share`, 0.2) a tight one, the others a loose one. An action that arrives after its deadline is worth nothing. Compared, on
-the same model and machine, one after the other:
+robots (`--tight-share`, 0.2) a tight one, the others a loose one. An action that arrives after its
+deadline is worth nothing. Compared, on the same model and machine, one after the other:
 
 - `edf`: fleetserve as `make serve` starts it (serve_config.yaml, the EDF scheduler);
 - `fifo`: the same with `ingress.scheduler: fifo` (the previous scheduler);
