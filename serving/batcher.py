@@ -43,6 +43,7 @@ from serving.scheduler import (
 # requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
+OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
 @dataclass
@@ -412,9 +413,10 @@ class EmbodimentBatcher:
             forward_ms += t["infer_ms"]
         if passes and math.isfinite(call_ms):
             extra = max(0.0, call_ms - forward_ms)
-            # EWMA, robust to a call that queued behind another (it moves the estimate 10% at most per call)
-            self.overhead_ms = extra if self.overhead_ms == 0.0 else (
-                0.9 * self.overhead_ms + 0.1 * min(extra, 2 * self.overhead_ms + 5.0))
+            # EWMA, robust to a call that stalled (a cold replica, a retry): one sample moves it a little.
+            cap = OVERHEAD_FIRST_CAP_MS if self.overhead_ms == 0.0 else 2 * self.overhead_ms + 5.0
+            extra = min(extra, cap)
+            self.overhead_ms = extra if self.overhead_ms == 0.0 else 0.9 * self.overhead_ms + 0.1 * extra
 
     async def _call_with_retry(self, requests: list[InferenceRequest], deadline: float) -> BatchReply:
         attempt = 0

@@ -25,30 +25,42 @@ class ForwardTimeModel:
 
     Exponentially weighted least squares over the recent replies (memory ~ 1 / (1 - decay) batches), with a
     weak ridge pull of the slope toward half the mean time per sample: while every batch had the same size
-    the slope cannot be told from the data, and the pull keeps the extrapolation to other sizes sane. Each
-    observation is clipped to [0.5x, 3x] the current prediction once the model has data, so one stall (a GC
-    pause, a descheduled core) moves it a little, while a lasting change moves it within a few batches.
-    Before the first reply nothing is known and `predict` returns None: nothing is refused on a guess.
+    the slope cannot be told from the data, and the pull keeps the extrapolation to other sizes sane.
+    Robust to stalls both ways: an observation over 3x or under 1/3 of the prediction is set aside (a GC
+    pause, a descheduled core, a replica's cold first pass); the third such in a row in the same direction
+    is a lasting change (another machine, another thread count) and the fit restarts from it. Until it has
+    `min_observations` since a (re)start the model is not `ready` and the scheduler refuses nothing on it.
     """
 
-    def __init__(self, decay: float = 0.95, ridge: float = 0.3):
+    def __init__(self, decay: float = 0.95, ridge: float = 0.3, min_observations: int = 3):
         self.decay = decay
         self.ridge = ridge
-        self._s0 = self._s1 = self._s2 = self._t0 = self._t1 = 0.0
-        self.observations = 0
+        self.min_observations = min_observations
+        self._reset()
         self.fixed_ms = 0.0
         self.per_sample_ms = 0.0
+        self._streak = 0  # consecutive outliers: > 0 high, < 0 low
+
+    def _reset(self) -> None:
+        self._s0 = self._s1 = self._s2 = self._t0 = self._t1 = 0.0
+        self.observations = 0
 
     @property
     def ready(self) -> bool:
-        return self.observations > 0
+        return self.observations >= self.min_observations
 
     def observe(self, samples: int, infer_ms: float) -> None:
         if samples <= 0 or not math.isfinite(infer_ms) or infer_ms <= 0:
             return
-        if self.observations >= 3:
-            expected = self.fixed_ms + self.per_sample_ms * samples
-            infer_ms = min(max(infer_ms, 0.5 * expected), 3.0 * expected)
+        if self.observations > 0:
+            ratio = infer_ms / max(self.fixed_ms + self.per_sample_ms * samples, 1e-6)
+            direction = 1 if ratio > 3.0 else -1 if ratio < 1 / 3 else 0
+            if direction:
+                self._streak = self._streak + direction if self._streak * direction > 0 else direction
+                if abs(self._streak) < 3:
+                    return  # an outlier, until it repeats
+                self._reset()  # a lasting change: start over from here
+            self._streak = 0
         d = self.decay
         n = float(samples)
         self._s0 = d * self._s0 + 1.0
@@ -74,7 +86,7 @@ class ForwardTimeModel:
         self.per_sample_ms, self.fixed_ms = slope, fixed
 
     def predict(self, samples: int) -> float | None:
-        """Predicted forward ms for `samples` samples, None before the first observation."""
+        """Predicted forward ms for `samples` samples, None until the model is ready."""
         if not self.ready:
             return None
         return self.fixed_ms + self.per_sample_ms * samples

@@ -88,6 +88,15 @@ def test_model_shrugs_off_one_stall_and_follows_a_lasting_change():
     assert m.predict(8) == pytest.approx(240.0, rel=0.1)
 
 
+def test_model_recovers_at_once_from_a_cold_first_pass():
+    m = ForwardTimeModel()
+    m.observe(1, 12_000.0)  # a replica's first forward pass: allocations, lazy init, a busy machine
+    assert not m.ready  # one observation: nothing is refused on it
+    for _ in range(6):
+        m.observe(1, 10.0)
+    assert m.ready and m.predict(1) == pytest.approx(10.0, rel=0.01)
+
+
 # --- planning ---------------------------------------------------------------------------------------------
 
 
