@@ -43,6 +43,7 @@ from serving.scheduler import (
 # requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
+PREDICTION_TOLERANCE = 0.1  # of a request's budget: refused on a prediction only when clearly late
 OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
@@ -52,6 +53,9 @@ class _Pending:
     received: float  # time.time() at the ingress
     deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
     seq: int = 0  # arrival order: ties of deadline go oldest first
+    # How far a *prediction* may overrun the deadline before the request is refused on it: predictions err
+    # (a replica starting next door slows the others), and a request that turns out late is dropped anyway.
+    tolerance: float = 0.0
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -215,7 +219,7 @@ class EmbodimentBatcher:
                 "overloaded",
             )
         request.deadline = deadline
-        pending = _Pending(request, received, deadline, next(self._seq))
+        pending = _Pending(request, received, deadline, next(self._seq), PREDICTION_TOLERANCE * (deadline - received))
         if self.scheduler == "edf":
             self._admit(pending)
             bisect.insort(self._sorted, pending)
@@ -263,7 +267,7 @@ class EmbodimentBatcher:
                 ahead += p.samples
         done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, self.overhead_ms,
                                   self.max_batch_size)
-        if done is not None and done > pending.deadline:
+        if done is not None and done > pending.deadline + pending.tolerance:
             raise self._late_error(pending, done, now)
 
     # --- edf --------------------------------------------------------------------------------------------

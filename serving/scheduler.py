@@ -129,7 +129,8 @@ def predicted_late(
 
     One pass: the kept requests fill batches of `max_batch_size` handed to whichever replica frees first
     (`free_at`, epoch s); a request is late when the batch it would ride completes past its deadline, and
-    then it is left out (refusing it frees the room for the ones behind it).
+    then it is left out (refusing it frees the room for the ones behind it). An item's optional
+    `tolerance` (s) is how far past its deadline a prediction may go before it counts: predictions err.
     """
     full = service_ms(model, max_batch_size, overhead_ms)
     if full is None or not free_at:
@@ -140,7 +141,7 @@ def predicted_late(
     for item in queue:
         size = min(max_batch_size, partial + item.samples)
         done = workers[0] + service_ms(model, size, overhead_ms) / 1000.0
-        if done > item.deadline:
+        if done > item.deadline + getattr(item, "tolerance", 0.0):
             late.append((item, done))
             continue
         partial += item.samples
