@@ -177,7 +177,7 @@ def plan_batch(
     live: list = []
     for item in queue:
         alone = service_ms(model, item.samples, overhead_ms)
-        if alone is not None and now + alone / 1000.0 > item.deadline:
+        if alone is not None and now + alone / 1000.0 > item.deadline + getattr(item, "tolerance", 0.0):
             refuse.append(item)
         else:
             live.append(item)

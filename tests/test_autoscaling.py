@@ -45,7 +45,9 @@ AUTOSCALING = {
 
 def autoscaling_app(checkpoint, port: int) -> dict:
     args = {
-        "ingress": {"ports": [{"port": port, "embodiment": TAG}], "max_inflight_batches": 4},
+        # Deadlines just below the robots' 20 s timeout: while a replica starts on this 2-core machine the
+        # running one slows down for seconds, and the EDF scheduler would refuse what it predicts late.
+        "ingress": {"ports": [{"port": port, "embodiment": TAG}], "max_inflight_batches": 4, "request_timeout_ms": 19_000},
         "embodiments": {TAG: {"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1}},
     }
     deployments = [
