@@ -75,6 +75,9 @@ class Plan:
     serial_all_cores: int | None = None
     settle_max_s: float = 90.0  # autoscaling: drive the load until the replica count stops changing, at most this
     only: set[str] = field(default_factory=lambda: {"limit", "serial", "served"})
+    # --torch-threads given: the served replicas get it too. Not given: they run as serve_config.yaml says
+    # (no torch_threads: each replica sizes its threads to the cores free on the node, serving/cores.py).
+    served_threads: bool = True
 
 
 TARGETS_CPU = [
@@ -199,7 +202,7 @@ def bench_serve_config(checkpoint: Path, plan: "Plan") -> dict[str, Any]:
         emb.pop("demo_preset", None)
         emb["checkpoint"] = str(checkpoint)
         emb["device"] = plan.device
-        if plan.torch_threads:
+        if plan.torch_threads and getattr(plan, "served_threads", True):
             emb["torch_threads"] = plan.torch_threads
     for dep in app.get("deployments", []):
         if dep.get("name") in embodiments:
@@ -824,6 +827,7 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
         limit_min_time_s=a.limit_time if a.limit_time is not None else (1.0 if quick else 3.0),
         device=device,
         torch_threads=threads,
+        served_threads=a.torch_threads is not None or a.gpu,
         embodiment=a.embodiment,
         timeout_ms=a.timeout_ms,
         max_window_s=a.max_window if a.max_window is not None else (8.0 if quick else 45.0),
@@ -841,6 +845,11 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--slo" in argv:  # the SLO mode: robots at a control rate with deadlines (bench/slo.py)
+        from bench.slo import main as slo_main
+
+        return slo_main([a for a in argv if a != "--slo"])
     plan = build_plan(argv)
     if plan.gpu:
         import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from serving.config import DEFAULT_MODEL, FleetArgs
 from serving.ingress import ZmqIngress
@@ -17,6 +18,11 @@ from serving.policy_deployment import PolicyDeployment
 INGRESS_NAME = "ZmqIngress"
 # Per-request access logs cost more than a tiny model's forward pass; serve_config.yaml can turn them on.
 QUIET = {"enable_access_log": False}
+# Batches go to the replica with the least predicted work (samples x time per sample), not the fewest calls;
+# replicas report their samples in flight every half second (serving/routing.py).
+SAMPLE_BALANCED = RequestRouterConfig(
+    request_router_class="serving.routing:SampleBalancedRouter", request_routing_stats_period_s=0.5
+)
 
 
 def build_app(args: FleetArgs) -> Application:
@@ -29,6 +35,7 @@ def build_app(args: FleetArgs) -> Application:
             name=tag,
             user_config=emb.batching.model_dump(),
             logging_config=QUIET,
+            request_router_config=SAMPLE_BALANCED,
             # A checkpoint that cannot load will not load on the 20th try either: fail the deployment soon,
             # with the loader's error (path and cause) in `serve status`.
             max_constructor_retry_count=2,

@@ -1,16 +1,28 @@
 """Micro-batching in the ingress: concurrent robots of one embodiment share ONE Ray call.
 
 A Ray call per request costs more than a small model's forward pass on a small machine (BENCHMARKS.md: 269 vs
-1948 req/s for 32 robots), so requests queue here per embodiment and leave in batches: as many samples as
-are waiting, up to `max_batch_size`, after at most `batch_wait_ms` (no wait at all when nothing of this
-embodiment is in flight: an idle replica should start at once). At most `max_inflight` batches travel at
-once; while they do, new requests pile up and form the next, larger batch. That is the dynamic batching.
+1948 req/s for 32 robots), so requests queue
+here per embodiment and leave in batches. Two schedulers (`ingress.scheduler`):
+
+- `edf` (default): earliest deadline first. A batch leaves when a replica is free (at most one batch per
+  replica in flight, so the queue stays here where deadlines are known), sized by `serving.scheduler` to the
+  largest batch whose predicted completion still meets the earliest deadline in it; a request predicted to
+  miss its deadline is refused at once with a `deadline` error giving the predicted and the allowed time.
+- `fifo` (the previous scheduler, kept for comparison): as many samples as are waiting, up to
+  `max_batch_size`, oldest first, at most `max_inflight` batches travelling at once; a request waits until
+  its deadline before it hears it was too late.
+
+Both send at once to an idle replica (no added wait for a lone robot) and wait `batch_wait_ms` only while
+another batch is in flight, so robots answered together ride together again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import bisect
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -18,11 +30,22 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
 from serving.protocol import RequestError
+from serving.scheduler import (
+    ForwardTimeModel,
+    capacity_samples_per_s,
+    plan_batch,
+    predict_completion,
+    predicted_late,
+    replicas_needed,
+    service_ms,
+)
 
 # A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again, until the
 # requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
+PREDICTION_TOLERANCE = 0.1  # of a request's budget: refused on a prediction only when clearly late
+OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
 @dataclass
@@ -30,12 +53,23 @@ class _Pending:
     request: InferenceRequest
     received: float  # time.time() at the ingress
     deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
+    seq: int = 0  # arrival order: ties of deadline go oldest first
+    # How far a *prediction* may overrun the deadline before the request is refused on it: predictions err
+    # (a replica starting next door slows the others), and a request that turns out late is dropped anyway.
+    tolerance: float = 0.0
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def abandoned(self) -> bool:
         """Answered already (its deadline passed while it waited): not worth a place in a batch."""
         return self.future.done()
+
+    @property
+    def samples(self) -> int:
+        return self.request.samples
+
+    def __lt__(self, other: "_Pending") -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
 @dataclass
@@ -47,32 +81,57 @@ class Delivered:
     batch_size: int
     queue_ms: float
     infer_ms: float
+    predicted_ms: float | None = None  # the scheduler's prediction of this batch's forward pass (edf)
 
 
 class EmbodimentBatcher:
     def __init__(
         self,
         tag: str,
-        send: Callable[[list[InferenceRequest]], Awaitable[BatchReply]],
+        send: Callable[..., Awaitable[BatchReply]],
         *,
         max_batch_size: int = 16,
         batch_wait_ms: float = 2.0,
         max_inflight: int = 4,
         max_queued: int = 512,
+        scheduler: str = "edf",
+        with_load: bool = False,
     ):
+        if scheduler not in ("edf", "fifo"):
+            raise ValueError(f"scheduler: expected 'edf' or 'fifo', got {scheduler!r}")
         self.tag = tag
         self._send = send
+        self._with_load = with_load  # send(requests, load): the demand report autoscaling reads (see load())
+        self.scheduler = scheduler
         self.max_batch_size = max_batch_size
         self.batch_wait_ms = batch_wait_ms
+        self.max_inflight = max_inflight
         self.max_queued = max_queued
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_inflight)
-        self._carry: _Pending | None = None  # the request that did not fit in the last batch
         self._inflight: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
+        # fifo
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._carry: _Pending | None = None  # the request that did not fit in the last batch
+        # edf
+        self._sorted: list[_Pending] = []  # waiting requests, earliest deadline first
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._busy_until: dict[asyncio.Task, float] = {}  # batch in flight -> its predicted completion (epoch s)
+        self.model = ForwardTimeModel()
+        self.overhead_ms = 0.0  # a batch call's time beyond its forward pass (Ray hops, (de)serialisation)
+        self._replicas_hint = 1
+        self._replicas_seen: dict[str, float] = {}  # replica id -> last reply (time.time())
+        # demand (samples/s arriving, refused or not) over a sliding pair of windows, for autoscaling
+        self._window_start = time.time()
+        self._window_samples = 0
+        self._last_rate = 0.0
+        self.counts = {"refused_early": 0, "expired": 0, "on_time": 0}
+        self.fleet_load: dict[str, float] = {}  # what the ingress knows beyond this batcher (busy_replicas)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.tag}")
+        run = self._run_edf if self.scheduler == "edf" else self._run_fifo
+        self._task = asyncio.get_running_loop().create_task(run(), name=f"batcher-{self.tag}")
 
     @property
     def alive(self) -> bool:
@@ -80,10 +139,80 @@ class EmbodimentBatcher:
 
     @property
     def queued(self) -> int:
+        if self.scheduler == "edf":
+            return len(self._sorted)
         return self._queue.qsize() + (self._carry is not None)
 
+    # --- capacity ---------------------------------------------------------------------------------------
+
+    def set_replicas(self, n: int) -> None:
+        """How many replicas serve this batcher's deployment (the ingress reads it from Serve)."""
+        self._replicas_hint = max(1, int(n))
+        self._wake.set()
+
+    @property
+    def replicas(self) -> int:
+        """Replicas to keep busy: the hint, or more if more answered in the last 10 s."""
+        now = time.time()
+        seen = sum(1 for t in self._replicas_seen.values() if now - t < 10.0)
+        return max(1, self._replicas_hint, seen)
+
+    def _edf_slots(self) -> int:
+        """Batches in flight: one per replica, plus one waiting behind each when the round trip to the replica
+        is a noticeable share of a forward pass (a small model), so a replica that finishes starts the next at
+        once. Not more: a batch sent ahead is a commitment that a later, more urgent request cannot pass. Each
+        waiting batch is planned from its predicted start (see _free_at). At most max_inflight_batches."""
+        full = self.model.predict(self.max_batch_size)
+        if full is None:
+            return self.max_inflight
+        depth = 1 + max(0, math.ceil(self.overhead_ms / max(full, 1e-3) - 0.1))
+        return max(1, min(self.max_inflight, self.replicas * min(depth, 2)))
+
+    def _free_at(self, now: float) -> list[float]:
+        """When each replica finishes what it runs now (predicted); `now` for idle ones."""
+        replicas = max(1, self.replicas)
+        free = [now] * replicas
+        for end in sorted(self._busy_until.values()):  # batches in dispatch order run on the first free replica
+            free.sort()
+            free[0] = max(free[0], end)
+        return sorted(free)
+
+    def _note_arrival(self, samples: int) -> None:
+        now = time.time()
+        self._window_samples += samples
+        elapsed = now - self._window_start
+        if elapsed >= 2.0:
+            self._last_rate = self._window_samples / elapsed
+            self._window_start, self._window_samples = now, 0
+
+    def demand_samples_per_s(self) -> float:
+        now = time.time()
+        elapsed = now - self._window_start
+        if elapsed >= 4.0:  # nothing arrived for two windows: no demand
+            return self._window_samples / elapsed
+        current = self._window_samples / max(elapsed, 0.5)  # the first half second alone would overshoot
+        return max(self._last_rate, current)
+
+    def load(self) -> dict[str, float]:
+        """What autoscaling needs to know about this embodiment's demand (sent along with each batch)."""
+        cap = capacity_samples_per_s(self.model, self.max_batch_size, self.overhead_ms)
+        demand = self.demand_samples_per_s()
+        queued_samples = sum(p.samples for p in self._sorted) if self.scheduler == "edf" else self.queued
+        return {
+            "demand_samples_per_s": round(demand, 3),
+            "capacity_samples_per_s": round(cap or 0.0, 3),
+            "queued_samples": float(queued_samples),
+            "replicas_needed": round(replicas_needed(demand, cap, 0.8), 3),
+            "replicas": float(self.replicas),
+            **self.fleet_load,
+        }
+
+    # --- submit -----------------------------------------------------------------------------------------
+
     async def submit(self, request: InferenceRequest, received: float, deadline: float) -> Delivered:
-        """The outcome of `request`, or a RequestError: overloaded (at once) or deadline exceeded (at the deadline)."""
+        """The outcome of `request`, or a RequestError: overloaded or predicted late (at once), or deadline
+        exceeded (at the deadline at the latest: a late action never reaches the robot)."""
+        self._note_arrival(request.samples)
         if self.queued >= self.max_queued:
             raise RequestError(
                 f"overloaded: {self.queued} get_action requests for {self.tag!r} are already waiting "
@@ -91,17 +220,111 @@ class EmbodimentBatcher:
                 "overloaded",
             )
         request.deadline = deadline
-        pending = _Pending(request, received, deadline)
-        self._queue.put_nowait(pending)
+        pending = _Pending(request, received, deadline, next(self._seq), PREDICTION_TOLERANCE * (deadline - received))
+        if self.scheduler == "edf":
+            self._admit(pending)
+            bisect.insort(self._sorted, pending)
+            self._wake.set()
+        else:
+            self._queue.put_nowait(pending)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
+            delivered = await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
             pending.future.cancel()  # a late action must never reach the robot; the batcher skips it
+            self.counts["expired"] += 1
             raise RequestError(
                 f"deadline exceeded: no action for {self.tag!r} within {(deadline - received) * 1000:.0f} ms "
                 f"({self.queued} waiting, {len(self._inflight)} batches in flight)",
                 "deadline",
             ) from None
+        if isinstance(delivered, RequestError):  # refused by the scheduler after it was queued
+            raise delivered
+        if time.time() > deadline:  # the reply came as the deadline passed: still late, never delivered
+            self.counts["expired"] += 1
+            raise RequestError(
+                f"deadline exceeded: the action for {self.tag!r} came {(time.time() - deadline) * 1000:.0f} ms "
+                f"after the {(deadline - received) * 1000:.0f} ms deadline", "deadline")
+        return delivered
+
+    def _late_error(self, pending: _Pending, predicted_done: float, now: float) -> RequestError:
+        self.counts["refused_early"] += 1
+        return RequestError(
+            f"deadline: refused early, predicted {(predicted_done - pending.received) * 1000:.0f} ms to an action "
+            f"for {self.tag!r} but the deadline allows {(pending.deadline - pending.received) * 1000:.0f} ms "
+            f"({self.queued} waiting on {self.replicas} replica(s)); resend a fresh observation",
+            "deadline",
+        )
+
+    def _admit(self, pending: _Pending) -> None:
+        """Refuse at once a request predicted to complete after its deadline (edf)."""
+        if not self.model.ready:
+            return
+        now = time.time()
+        ahead = 0
+        for p in self._sorted:  # EDF: everything with an earlier deadline goes first
+            if p.deadline > pending.deadline:
+                break
+            if not p.abandoned:
+                ahead += p.samples
+        done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, self.overhead_ms,
+                                  self.max_batch_size)
+        if done is not None and done > pending.deadline + pending.tolerance:
+            raise self._late_error(pending, done, now)
+
+    # --- edf --------------------------------------------------------------------------------------------
+
+    def _shed(self, now: float) -> None:
+        """Refuse at once the waiting requests that the queue ahead of them makes late (predicted)."""
+        self._sorted = [p for p in self._sorted if not p.abandoned]
+        late = predicted_late(self._sorted, self._free_at(now), self.model, self.overhead_ms, self.max_batch_size)
+        if not late:
+            return
+        gone = {id(p) for p, _ in late}
+        for p, done in late:
+            p.future.set_result(self._late_error(p, done, now))
+        self._sorted = [p for p in self._sorted if id(p) not in gone]
+
+    async def _run_edf(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            self._sorted = [p for p in self._sorted if not p.abandoned]
+            if not self._sorted or len(self._inflight) >= self._edf_slots():
+                await self._wake.wait()
+                continue
+            if self._inflight and self.batch_wait_ms > 0 and sum(p.samples for p in self._sorted) < self.max_batch_size:
+                # Another batch travels: wait a little for the robots it answered with ours, not past any slack.
+                slack = self._sorted[0].deadline - time.time()
+                await asyncio.sleep(max(0.0, min(self.batch_wait_ms / 1000.0, slack / 4)))
+                self._sorted = [p for p in self._sorted if not p.abandoned]
+                if not self._sorted:
+                    continue
+            now = time.time()
+            # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
+            start, *others = self._free_at(now)
+            plan = plan_batch(self._sorted, start, self.model, self.overhead_ms, self.max_batch_size, others)
+            taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
+            self._sorted = [p for p in self._sorted if id(p) not in taken]
+            for p in plan.refuse:
+                alone_ms = service_ms(self.model, p.samples, self.overhead_ms) or 0.0
+                p.future.set_result(self._late_error(p, start + alone_ms / 1000.0, now))
+            if not plan.batch:
+                continue
+            await self._slots.acquire()
+            forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
+            # A batch sent behind a running one waits at the replica: its call time is not overhead.
+            task = loop.create_task(self._dispatch(plan.batch, forward_ms, learn_overhead=start <= now))
+            self._inflight.add(task)
+            self._busy_until[task] = start + (plan.predicted_ms or 0.0) / 1000.0
+            task.add_done_callback(self._batch_done)
+            self._shed(now)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        self._busy_until.pop(task, None)
+        self._wake.set()
+
+    # --- fifo (the previous scheduler) ----------------------------------------------------------------
 
     async def _next(self, timeout: float | None) -> _Pending | None:
         """The next live request (abandoned ones are dropped), waiting at most `timeout` (None: forever)."""
@@ -125,7 +348,7 @@ class EmbodimentBatcher:
             if not item.abandoned:
                 return item
 
-    async def _run(self) -> None:
+    async def _run_fifo(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()  # wait for a slot first: meanwhile the queue grows into a batch
@@ -144,11 +367,14 @@ class EmbodimentBatcher:
                     break
                 batch.append(item)
                 samples += item.request.samples
-            task = loop.create_task(self._dispatch(batch))
+            task = loop.create_task(self._dispatch(batch, None, learn_overhead=len(self._inflight) == 0))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._batch_done)
 
-    async def _dispatch(self, batch: list[_Pending]) -> None:
+    # --- both -------------------------------------------------------------------------------------------
+
+    async def _dispatch(self, batch: list[_Pending], predicted_ms: float | None, learn_overhead: bool = True) -> None:
+        started = time.time()
         try:
             reply = await self._call_with_retry([p.request for p in batch], max(p.deadline for p in batch))
         except Exception as exc:  # the whole batch failed: every robot in it hears why
@@ -165,22 +391,45 @@ class EmbodimentBatcher:
             return
         finally:
             self._slots.release()
+        finished = time.time()
+        self._learn(reply, (finished - started) * 1000.0 if learn_overhead else math.nan)
         # Follow the replica's live user_config (max_batch_size, batch_wait_ms) from the next batch on.
         self.max_batch_size, self.batch_wait_ms = reply.max_batch_size, reply.batch_wait_ms
         for p, outcome, timing in zip(batch, reply.outcomes, reply.timings):
             if p.future.done():
                 continue
+            if outcome.error is None:
+                self.counts["on_time"] += finished <= p.deadline
             queue_ms = max(0.0, (timing.get("forward_start", p.received) - p.received) * 1000.0)
             p.future.set_result(
-                Delivered(outcome, reply.replica, int(timing.get("batch_size", 0)), queue_ms, timing.get("infer_ms", 0.0))
+                Delivered(outcome, reply.replica, int(timing.get("batch_size", 0)), queue_ms,
+                          timing.get("infer_ms", 0.0), predicted_ms)
             )
+
+    def _learn(self, reply: BatchReply, call_ms: float) -> None:
+        """Feed the forward-time model with each distinct forward pass of the reply, and the call overhead."""
+        self._replicas_seen[reply.replica] = time.time()
+        passes = {(t.get("forward_start"), t.get("infer_ms")): t for t in reply.timings if "infer_ms" in t}
+        forward_ms = 0.0
+        for t in passes.values():
+            samples = int(t.get("batch_size", 0))
+            if samples > 0:  # a pass of expired requests only says nothing about forward time
+                self.model.observe(samples, t["infer_ms"])
+            forward_ms += t["infer_ms"]
+        if passes and math.isfinite(call_ms):
+            extra = max(0.0, call_ms - forward_ms)
+            # EWMA, robust to a call that stalled (a cold replica, a retry): one sample moves it a little.
+            cap = OVERHEAD_FIRST_CAP_MS if self.overhead_ms == 0.0 else 2 * self.overhead_ms + 5.0
+            extra = min(extra, cap)
+            self.overhead_ms = extra if self.overhead_ms == 0.0 else 0.9 * self.overhead_ms + 0.1 * extra
 
     async def _call_with_retry(self, requests: list[InferenceRequest], deadline: float) -> BatchReply:
         attempt = 0
         while True:
             try:
                 # Bounded by the deadline: a hung replica must not hold an in-flight slot forever.
-                return await asyncio.wait_for(self._send(requests), max(0.0, deadline - time.time()))
+                call = self._send(requests, self.load()) if self._with_load else self._send(requests)
+                return await asyncio.wait_for(call, max(0.0, deadline - time.time()))
             except RETRYABLE:
                 attempt += 1
                 backoff = min(MAX_BACKOFF_S, 0.05 * 2**attempt)
@@ -192,8 +441,9 @@ class EmbodimentBatcher:
         if self._task is not None:
             self._task.cancel()
         if self._inflight:  # answer what is already on its way before going (graceful shutdown)
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
     def stats(self) -> dict[str, Any]:
         return {"queued": self.queued, "inflight_batches": len(self._inflight), "max_batch_size": self.max_batch_size,
-                "batch_wait_ms": self.batch_wait_ms}
+                "batch_wait_ms": self.batch_wait_ms, "scheduler": self.scheduler, "replicas": self.replicas,
+                "overhead_ms": round(self.overhead_ms, 3), "forward_model": self.model.snapshot(), **self.counts}

@@ -50,12 +50,17 @@ class PortConfig(_Strict):
         "n1.5: N1.5 clients, answered exactly as upstream's N1.5 server answered them.",
     )
 
-    @property
-    def port_protocol(self) -> PortProtocol:
-        return PortProtocol(self.protocol)
     model: str | None = Field(
         default=None, description="Model robots on this port get unless a request names one; default: the embodiment's default."
     )
+    slo_ms: float | None = Field(
+        default=None, gt=0,
+        description="Deadline of a get_action on this port without options.deadline_ms (overrides the embodiment's slo_ms).",
+    )
+
+    @property
+    def port_protocol(self) -> PortProtocol:
+        return PortProtocol(self.protocol)
 
     @field_validator("embodiment")
     @classmethod
@@ -91,6 +96,13 @@ class IngressConfig(_Strict):
     )
     max_queued_requests: int = Field(
         default=512, ge=1, description="get_action requests waiting per embodiment; past it new ones get 'overloaded' at once."
+    )
+    scheduler: Literal["edf", "fifo"] = Field(
+        default="edf",
+        description=(
+            "edf: earliest deadline first, batches sized to meet their earliest deadline, requests predicted to "
+            "miss theirs refused at once; fifo: the previous oldest-first micro-batching (for comparison)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -203,6 +215,15 @@ class AdmissionConfig(_Strict):
 
     request_timeout_ms: float = Field(gt=0)
     max_queued_requests: int = Field(ge=1)
+    slo_ms: float | None = Field(default=None, gt=0)
+
+    def deadline_ms(self, asked_ms: float | None, port_slo_ms: float | None) -> float:
+        """A get_action's time budget: options.deadline_ms, else the port's slo_ms, else the embodiment's,
+        else request_timeout_ms; never more than request_timeout_ms."""
+        for budget in (asked_ms, port_slo_ms, self.slo_ms):
+            if budget is not None:
+                return min(float(budget), self.request_timeout_ms)
+        return self.request_timeout_ms
 
 
 class EmbodimentConfig(PolicyConfig):
@@ -219,6 +240,14 @@ class EmbodimentConfig(PolicyConfig):
         default=4, ge=1, description="Fine-tunes one replica keeps loaded besides the default; past it the least recently used is evicted.",
     )
 
+    slo_ms: float | None = Field(
+        default=None, gt=0,
+        description=(
+            "Deadline of this embodiment's get_action requests that carry no options.deadline_ms (a port's "
+            "slo_ms overrides it); default request_timeout_ms. Set it to the time a robot's action chunk lasts."
+        ),
+    )
+
     @field_validator("models")
     @classmethod
     def _model_names(cls, v: dict[str, ModelSource]) -> dict[str, ModelSource]:
@@ -227,13 +256,15 @@ class EmbodimentConfig(PolicyConfig):
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(**self.model_dump(
-            exclude={"batching", "request_timeout_ms", "max_queued_requests", "models", "max_models_per_replica"}
+            exclude={"batching", "request_timeout_ms", "max_queued_requests", "models", "max_models_per_replica",
+                     "slo_ms"}
         ))
 
     def admission(self, ingress: IngressConfig) -> AdmissionConfig:
         return AdmissionConfig(
             request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
             max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
+            slo_ms=self.slo_ms,
         )
 
 

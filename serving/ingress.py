@@ -60,6 +60,8 @@ METRICS_FLUSH_S = 1.0
 # An unknown model name asks the replicas for their live model set (it may have been added by `serve deploy`
 # since) at most this often per embodiment; robots sending made-up names cost one Ray call per interval.
 MODELS_REFRESH_S = 1.0
+REPLICA_WATCH_S = 2.0
+DELIVERY_MARGIN_S = 0.015  # at most; 10% of a short deadline
 
 
 class _Once:
@@ -102,6 +104,16 @@ def _pop_model_id(options: dict[str, Any] | None, top_level: str | None) -> Any:
     if options is not None and "model_id" in options:
         return options.pop("model_id")
     return top_level
+
+
+def slo_outcome(outcome: str, reply: Any) -> str:
+    """How a get_action ended against its deadline, for fleetserve_slo_requests_total (serving/metrics.py)."""
+    if outcome == "ok":
+        return "on_time"  # the batcher never hands over an action after its deadline
+    if outcome == "deadline":
+        early = isinstance(reply, dict) and str(reply.get("error", "")).startswith("deadline: refused early")
+        return "refused_early" if early else "expired"
+    return "error"
 
 
 class _Call:
@@ -154,6 +166,7 @@ class ZmqIngress:
         # (tag, model) -> [requests sent, requests that waited on a cold load]: the status page's cold-load rate
         self._model_counts: dict[tuple[str, str], list[int]] = {}
         self._resident: dict[str, dict[str, list[str]]] = {tag: {} for tag, _ in self.router.items()}
+        self._running: dict[str, int] = {}  # RUNNING replicas per embodiment, from Serve's status (_watch_replicas)
         for tag, handle in self.router.items():
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
             self._batcher(tag, DEFAULT_MODEL)
@@ -166,7 +179,8 @@ class ZmqIngress:
         self._metrics = MetricsBuffer(FleetMetrics())
         self._robots: dict[int, int] = {}
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._flush_metrics(), name="metrics")]
+        self._background = [loop.create_task(self._flush_metrics(), name="metrics"),
+                            loop.create_task(self._watch_replicas(), name="replicas")]
         for port in config.ports:
             sock = self._bind(port)
             self._sockets.append(sock)
@@ -186,8 +200,8 @@ class ZmqIngress:
         if batcher is None:
             handle = self._model_handle(tag, model)
 
-            async def send(reqs: list[InferenceRequest]):
-                reply = await handle.infer.remote(reqs)
+            async def send(reqs: list[InferenceRequest], load: dict[str, float]):
+                reply = await handle.infer.remote(reqs, load)
                 if reply.models_resident:
                     self._resident[tag][reply.replica] = reply.models_resident
                 counts = self._model_counts.setdefault(key, [0, 0])
@@ -202,7 +216,10 @@ class ZmqIngress:
                 send,
                 max_inflight=self.config.max_inflight_batches,
                 max_queued=self.admission[tag].max_queued_requests,
+                scheduler=self.config.scheduler,
+                with_load=True,
             )
+            batcher.set_replicas(self._running.get(tag, 1))
             batcher.start()
             self.batchers[key] = batcher
         return batcher
@@ -314,6 +331,8 @@ class ZmqIngress:
         self._metrics.request(call.embodiment, call.endpoint, call.outcome)
         if call.model is not None:
             self._metrics.model_request(call.embodiment, call.model, call.outcome)
+        if call.endpoint == "get_action":
+            self._metrics.slo(call.embodiment, port.port, slo_outcome(call.outcome, reply))
         await sock.send_multipart([frames[0], b"", payload], copy=False)
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
@@ -354,23 +373,26 @@ class ZmqIngress:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
             )
-        budget_ms = self.admission[tag].request_timeout_ms
-        options = dict(req.options) if req.options is not None else None
+        options, asked = (dict(req.options) if req.options is not None else None), None
         model = await self._choose_model(tag, port, _pop_model_id(options, env.model_id))
         call.model = model
         if options is not None and "deadline_ms" in options:
             asked = options.pop("deadline_ms")  # ours, not the policy's
             if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
                 raise RequestError(f"options.deadline_ms: expected a positive number of milliseconds, got {asked!r:.40}")
-            budget_ms = min(budget_ms, float(asked))
+        budget_ms = self.admission[tag].deadline_ms(asked, port.slo_ms)
+        # The robot's clock started before ours and stops after the reply crosses the network: the scheduler
+        # aims a little before the deadline, so an action it delivers is still on time where the robot is.
+        margin_s = min(DELIVERY_MARGIN_S, 0.1 * budget_ms / 1000.0)
         delivered = await self._batcher(tag, model).submit(
-            InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0
+            InferenceRequest(req.observation, options, req.samples), received, received + budget_ms / 1000.0 - margin_s
         )
         outcome = delivered.outcome
         if outcome.error is not None:
             raise RequestError(outcome.error, outcome.error_kind or ErrorKind.POLICY)
         total_ms = (time.time() - received) * 1000.0
-        self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms)
+        self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms,
+                             delivered.predicted_ms)
         info = dict(outcome.info)
         info["server"] = {
             "batch_size": delivered.batch_size,
@@ -379,6 +401,7 @@ class ZmqIngress:
             "replica": delivered.replica,
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
+            "deadline_ms": round(budget_ms, 3),
             "total_ms": round(total_ms, 3),
         }
         return format_action_reply(req, outcome.action, info)
@@ -413,6 +436,29 @@ class ZmqIngress:
                 depth[tag] = depth.get(tag, 0) + b.queued
             for tag, n in depth.items():
                 self._metrics.sink.queue_depth.set(n, tags={"embodiment": tag})
+
+    async def _watch_replicas(self) -> None:
+        """Tell each batcher how many replicas its deployment runs (Serve's status), so the EDF scheduler
+        keeps every replica busy, including one autoscaling just added."""
+        names = {tag: handle.deployment_name for tag, handle in self.router.items()}
+        app = serve.get_replica_context().app_name
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[app].deployments
+                for tag, name in names.items():
+                    if name in deployments:
+                        self._running[tag] = deployments[name].replica_states.get("RUNNING", 0)
+                for (tag, _), b in self.batchers.items():
+                    b.set_replicas(self._running.get(tag, 1))
+                # Replicas with work to do, over every embodiment: the replicas share the cores by this count.
+                busy_tags = {tag for (tag, _), b in self.batchers.items() if b.demand_samples_per_s() > 0}
+                busy = sum(self._running.get(tag, 1) for tag in busy_tags)
+                for b in self.batchers.values():
+                    b.fleet_load["busy_replicas"] = float(max(1, busy))
+            except Exception as exc:  # the controller restarting: the batchers keep what they knew
+                logger.debug("replica count unavailable: %s", exc)
+            await asyncio.sleep(REPLICA_WATCH_S)
 
     async def _count_robots(self, sock: zmq.asyncio.Socket, port: int) -> None:
         """Robots connected to a port, from ZMQ's socket monitor (accepted minus disconnected peers)."""

@@ -10,6 +10,10 @@ from ray.serve import metrics
 
 MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+RATIO_BOUNDARIES = [0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
+# How a get_action ended against its deadline: an action in time, refused at once because it was predicted
+# late (the robot can resend at once), deadline passed while it waited, or another error.
+SLO_OUTCOMES = ("on_time", "refused_early", "expired", "error")
 
 
 class FleetMetrics:
@@ -48,6 +52,26 @@ class FleetMetrics:
             "fleetserve_total_ms",
             description="From arrival at the ingress to the reply being sent (ms).",
             boundaries=MS_BOUNDARIES,
+            tag_keys=("embodiment",),
+        )
+        self.slo = metrics.Counter(
+            "fleetserve_slo_requests_total",
+            description=(
+                "get_action requests by how they ended against their deadline (on_time, refused_early, expired, "
+                "error), per embodiment and port: on-time goodput is the rate of on_time, SLO attainment its share."
+            ),
+            tag_keys=("embodiment", "port", "outcome"),
+        )
+        self.predicted_infer_ms = metrics.Histogram(
+            "fleetserve_predicted_infer_ms",
+            description="The scheduler's predicted forward pass time of the batch a request rode in (ms).",
+            boundaries=MS_BOUNDARIES,
+            tag_keys=("embodiment",),
+        )
+        self.infer_prediction_ratio = metrics.Histogram(
+            "fleetserve_infer_prediction_ratio",
+            description="Actual over predicted forward pass time, per reply (1 = the model was right).",
+            boundaries=RATIO_BOUNDARIES,
             tag_keys=("embodiment",),
         )
         self.robots = metrics.Gauge(
@@ -117,8 +141,9 @@ class MetricsBuffer:
         self.sink = sink
         self._requests: dict[tuple[str, str, str], int] = {}
         self._errors: dict[tuple[str, str], int] = {}
-        self._actions: list[tuple[str, int, float, float, float]] = []
+        self._actions: list[tuple[str, int, float, float, float, float | None]] = []
         self._models: dict[tuple[str, str, str], int] = {}
+        self._slo: dict[tuple[str, str, str], int] = {}
 
     def request(self, embodiment: str, endpoint: str, outcome: str) -> None:
         key = (embodiment, endpoint, outcome)
@@ -131,8 +156,13 @@ class MetricsBuffer:
         key = (embodiment, model, outcome)
         self._models[key] = self._models.get(key, 0) + 1
 
-    def action(self, embodiment: str, batch_size: int, queue_ms: float, infer_ms: float, total_ms: float) -> None:
-        self._actions.append((embodiment, batch_size, queue_ms, infer_ms, total_ms))
+    def action(self, embodiment: str, batch_size: int, queue_ms: float, infer_ms: float, total_ms: float,
+               predicted_ms: float | None = None) -> None:
+        self._actions.append((embodiment, batch_size, queue_ms, infer_ms, total_ms, predicted_ms))
+
+    def slo(self, embodiment: str, port: int, outcome: str) -> None:
+        key = (embodiment, str(port), outcome)
+        self._slo[key] = self._slo.get(key, 0) + 1
 
     def flush(self) -> None:
         requests, self._requests = self._requests, {}
@@ -141,13 +171,19 @@ class MetricsBuffer:
         models, self._models = self._models, {}
         for (emb, model, outcome), n in models.items():
             self.sink.model_requests.inc(n, tags={"embodiment": emb, "model": model, "outcome": outcome})
+        slo, self._slo = self._slo, {}
+        for (emb, port, outcome), n in slo.items():
+            self.sink.slo.inc(n, tags={"embodiment": emb, "port": port, "outcome": outcome})
         for (emb, endpoint, outcome), n in requests.items():
             self.sink.requests.inc(n, tags={"embodiment": emb, "endpoint": endpoint, "outcome": outcome})
         for (emb, kind), n in errors.items():
             self.sink.errors.inc(n, tags={"embodiment": emb, "kind": kind})
-        for emb, batch, queue_ms, infer_ms, total_ms in actions:
+        for emb, batch, queue_ms, infer_ms, total_ms, predicted_ms in actions:
             tags = {"embodiment": emb}
             self.sink.batch_size.observe(batch, tags=tags)
             self.sink.queue_ms.observe(queue_ms, tags=tags)
             self.sink.infer_ms.observe(infer_ms, tags=tags)
             self.sink.total_ms.observe(total_ms, tags=tags)
+            if predicted_ms:
+                self.sink.predicted_infer_ms.observe(predicted_ms, tags=tags)
+                self.sink.infer_prediction_ratio.observe(infer_ms / predicted_ms, tags=tags)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,14 @@ from serving.config import (
     layout_mismatch,
     resolve_model_source,
 )
+from serving.cores import FreeCores
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
 from serving.metrics import ModelMetrics
+from serving.scheduler import ForwardTimeModel
+
+# The ingress's demand report rides on every batch; older than this, the embodiment is idle (autoscaling
+# sees no demand and scales down).
+LOAD_STALE_S = 5.0
 
 logger = logging.getLogger("ray.serve")
 
@@ -118,15 +125,24 @@ class PolicyDeployment:
         if config.demo_preset is not None and not (path / "config.json").exists():
             logger.info("Building the %r demo checkpoint for %s at %s (offline, once)", config.demo_preset, tag, path)
             policy.ensure_demo_checkpoint(path, config.demo_preset, embodiments=(tag,))
-        if config.torch_threads:
-            import torch
+        import torch
 
+        self._torch = torch
+        if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self._config = config
         # "auto" warns when a GPU is there but torch cannot use it; "cuda:N" counts this replica's GPUs only
         # (Ray sets CUDA_VISIBLE_DEVICES from num_gpus). load_policy warms the model up (one B=1 forward), so
         # the first robot does not pay for CUDA / cuBLAS initialisation.
         self._device = device = policy.resolve_device(config.device)
+        # No torch_threads given, on a CPU: use the cores the other busy replicas leave free (see _threads_for).
+        self._adaptive_threads = not config.torch_threads and device == "cpu"
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._free_cores = FreeCores(self._cores)
+        self._load: dict[str, float] = {}
+        self._load_at = 0.0
+        self._inflight_samples = 0
+        self.model = ForwardTimeModel()
         t0 = time.perf_counter()
         self.policy = policy.load_policy(str(path), tag, device=device, **self._load_kwargs())
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -262,7 +278,11 @@ class PolicyDeployment:
 
     # -- inference -------------------------------------------------------------------------------------------
 
-    async def infer(self, requests: list[InferenceRequest]) -> BatchReply:
+    async def infer(self, requests: list[InferenceRequest], load: dict[str, float] | None = None) -> BatchReply:
+        """One batch from an ingress (of one model: the multiplexed id); `load` is its demand report
+        (serving.batcher.EmbodimentBatcher.load)."""
+        if load:
+            self._load, self._load_at = load, time.time()
         name = serve.get_multiplexed_model_id()
         loads_before = self._loads.get(name, 0)
         try:
@@ -271,10 +291,46 @@ class PolicyDeployment:
             return self._refused(requests, str(exc), "bad_request")
         except Exception as exc:  # this model's requests fail with the loader's error; the others go on
             return self._refused(requests, f"model {name!r} failed to load: {type(exc).__name__}: {exc}", "policy")
-        reply = await self._merge(policy, requests)
+        samples = sum(r.samples for r in requests)
+        self._inflight_samples += samples
+        try:
+            reply = await self._merge(policy, requests)
+        finally:
+            self._inflight_samples -= samples
         if self._loads.get(name, 0) != loads_before:  # this call waited on a cold load of its model
             reply.cold_load_ms = self._cold_load_ms.get(name, 0.0)
         return reply
+
+    def _current_load(self) -> dict[str, float]:
+        return self._load if time.time() - self._load_at < LOAD_STALE_S else {}
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """What serving.routing.SampleBalancedRouter weighs replicas by (Serve polls it)."""
+        return {"inflight_samples": float(self._inflight_samples), "fixed_ms": self.model.fixed_ms,
+                "per_sample_ms": self.model.per_sample_ms}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What serving.autoscaling.slo_autoscaling_policy scales on: the ingress's latest demand report."""
+        load = self._current_load()
+        return {
+            "replicas_needed": float(load.get("replicas_needed", 0.0)),
+            "demand_samples_per_s": float(load.get("demand_samples_per_s", 0.0)),
+            "queued_samples": float(load.get("queued_samples", 0.0)),
+            "inflight_samples": float(self._inflight_samples),
+        }
+
+    def _threads_for(self) -> int:
+        """Torch threads for the next forward pass: the cores free on this node, within this replica's share.
+
+        Ray gives an actor below one CPU one OpenMP thread; a replica alone on a 2-core machine would leave a
+        core idle at one robot. The ingress reports how many replicas run busy deployments (`busy_replicas`);
+        each may take an equal share of the cores, and of that only what other processes leave idle
+        (serving/cores.py), so a second replica, or anything else busy on the node, gets its core back.
+        """
+        busy = int(self._current_load().get("busy_replicas", 1) or 1)
+        share = max(1, self._cores // max(1, busy))
+        threads = self._free_cores.threads(share)
+        return self._torch.get_num_threads() if threads is None else threads
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _merge(self, policies: list[Any], calls: list[list[InferenceRequest]]) -> list[BatchReply]:
@@ -302,6 +358,10 @@ class PolicyDeployment:
         ]
 
     def _forward(self, policy: Any, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
+        if self._adaptive_threads:
+            threads = self._threads_for()
+            if threads != self._torch.get_num_threads():
+                self._torch.set_num_threads(threads)
         started = time.time()
         t0 = time.perf_counter()
         # A request whose robot has already been told "deadline exceeded" is not worth a forward pass.
@@ -320,6 +380,8 @@ class PolicyDeployment:
         batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
         outcomes = [_outcome(res) for res in results]
         timing = {"forward_start": started, "infer_ms": infer_ms, "batch_size": float(batch_size)}
+        if batch_size:
+            self.model.observe(batch_size, infer_ms)
         return outcomes, [timing] * len(chunk)
 
     def describe(self) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Per-embodiment autoscaling, driven by ZMQ robots (no HTTP): 1 replica -> 2 under load -> 1 after it.
 
-Robots' requests never pass Serve's HTTP proxy. What Serve's autoscaler sees is the ingress's
-DeploymentHandle: one call per batch, at most `ingress.max_inflight_batches` per embodiment in flight. With
-`target_ongoing_requests: 1` and `max_inflight_batches: 4` a busy ingress shows up to 4 ongoing calls, so the
-desired replica count (ongoing / target) reaches `max_replicas: 2`. When robots stop, ongoing calls fall to 0
-and the deployment goes back to `min_replicas` after `downscale_delay_s`.
+Robots' requests never pass Serve's HTTP proxy, and the ingress keeps the queue (the EDF scheduler sends one
+batch per replica at a time), so Serve's ongoing-calls signal says little. The deployment scales with the
+fleet's SLO policy (serving/autoscaling.py): the ingress reports the samples per second its robots ask for
+and what one replica serves at full batches; replicas hand that report to Serve. Six closed-loop robots keep
+one replica saturated (demand above 80% of one replica's capacity: two wanted); when they stop, one robot
+trickling a few requests a second needs well under one replica, and the deployment goes back to
+`min_replicas` after `downscale_delay_s`.
 
 The config is small and fast on purpose (a 2-core CI machine): delays of seconds instead of the production
 10 s / 300 s of cluster/serve_config.gpu.yaml, and `metrics_interval_s` (deprecated in Ray 2.60, still the
@@ -30,7 +32,10 @@ AUTOSCALING = {
     "min_replicas": 1,
     "initial_replicas": 1,
     "max_replicas": 2,
-    "target_ongoing_requests": 1,  # in batches: the ingress sends one call per batch
+    # Serve's own policy (used only until replicas report demand) would never scale out at this target: a
+    # scale-out below proves the SLO policy decided it.
+    "target_ongoing_requests": 100,
+    "policy": {"policy_function": "serving.autoscaling:slo_autoscaling_policy"},
     "upscale_delay_s": 1,
     "downscale_delay_s": 4,
     "look_back_period_s": 2,
@@ -40,8 +45,9 @@ AUTOSCALING = {
 
 def autoscaling_app(checkpoint, port: int) -> dict:
     args = {
-        # 4 batches in flight / target 1 = 4 wanted replicas at full load: max_replicas 2 is reachable.
-        "ingress": {"ports": [{"port": port, "embodiment": TAG}], "max_inflight_batches": 4},
+        # Deadlines just below the robots' 20 s timeout: while a replica starts on this 2-core machine the
+        # running one slows down for seconds, and the EDF scheduler would refuse what it predicts late.
+        "ingress": {"ports": [{"port": port, "embodiment": TAG}], "max_inflight_batches": 4, "request_timeout_ms": 19_000},
         "embodiments": {TAG: {"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1}},
     }
     deployments = [

@@ -261,7 +261,8 @@ def test_deadline_ms_1_under_load_gets_deadline_exceeded_never_a_late_action(fau
                 t0 = time.monotonic()
                 with pytest.raises(PolicyServerError) as exc:
                     c.get_action(obs, {"deadline_ms": 1})
-                assert str(exc.value).startswith("deadline exceeded"), str(exc.value)
+                # Refused at once once the scheduler knows the forward time, else expired at the deadline.
+                assert str(exc.value).startswith(("deadline exceeded", "deadline: refused early")), str(exc.value)
                 assert time.monotonic() - t0 < 5
                 outcomes["deadline exceeded"] += 1
             # A deadline the server can meet is met; the option is ours, never passed to the policy.

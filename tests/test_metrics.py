@@ -96,6 +96,9 @@ def test_fleet_metrics_reach_rays_prometheus_endpoint(metered, metrics_port):
         for t in threads:
             t.join(timeout=90)
         assert not failures and not any(t.is_alive() for t in threads), failures
+        # A deadline no forward pass can meet: refused at once, saying the predicted and the allowed time.
+        with pytest.raises(PolicyServerError, match=r"deadline: refused early, predicted \d+ ms .* allows 1 ms"):
+            robot.get_action(random_observation(gr1, 1), {"deadline_ms": 1})
         for _ in range(bad):  # not an observation: bad_request, before any policy call
             with pytest.raises(PolicyServerError, match="observation"):
                 robot.call_endpoint("get_action", {"observation": "not a map", "options": None})
@@ -119,9 +122,13 @@ def test_fleet_metrics_reach_rays_prometheus_endpoint(metered, metrics_port):
                 "err_unauth": total(s, "ray_fleetserve_errors_total", embodiment="gr1", kind="unauthorized", **app),
                 "batch_count": total(s, "ray_fleetserve_batch_size_count", embodiment="gr1", **app),
                 "robots": total(s, "ray_fleetserve_robots_connected", port=str(open_port), **app),
+                "on_time": total(s, "ray_fleetserve_slo_requests_total", embodiment="gr1", port=str(open_port),
+                                 outcome="on_time", **app),
+                "refused_early": total(s, "ray_fleetserve_slo_requests_total", embodiment="gr1", port=str(open_port),
+                                       outcome="refused_early", **app),
             }
             done = (got["ok"] or 0) >= ok and (got["err_bad"] or 0) >= bad and (got["err_unauth"] or 0) >= unauthorized \
-                and (got["batch_count"] or 0) >= ok and (got["robots"] or 0) >= 1
+                and (got["batch_count"] or 0) >= ok and (got["robots"] or 0) >= 1 and (got["refused_early"] or 0) >= 1
             exported.last = got
             return (s, got) if done else None
 
@@ -149,6 +156,12 @@ def test_fleet_metrics_reach_rays_prometheus_endpoint(metered, metrics_port):
         assert total(samples, f"ray_fleetserve_{name}_count", **labels) == ok, name
         assert total(samples, f"ray_fleetserve_{name}_sum", **labels) > 0, name
     assert total(samples, "ray_fleetserve_total_ms_sum", **labels) >= total(samples, "ray_fleetserve_infer_ms_sum", **labels)
+    # SLO accounting: every action on time (the ingress never delivers one late), the hopeless one refused early,
+    # and the scheduler's prediction beside each forward pass after the first reply taught it the curve.
+    assert got["on_time"] == ok and got["refused_early"] == 1, got
+    predicted = total(samples, "ray_fleetserve_predicted_infer_ms_count", **labels)
+    assert 1 <= predicted <= ok, predicted
+    assert total(samples, "ray_fleetserve_infer_prediction_ratio_count", **labels) == predicted
     # Gauges: the robot still connected, and the embodiment's (now empty) queue.
     assert got["robots"] >= 1, got
     assert total(samples, "ray_fleetserve_queue_depth", embodiment="gr1", **{"application": APP}) is not None
