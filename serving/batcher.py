@@ -14,6 +14,11 @@ here per embodiment and leave in batches. Two schedulers (`ingress.scheduler`):
 
 Both send at once to an idle replica (no added wait for a lone robot) and wait `batch_wait_ms` only while
 another batch is in flight, so robots answered together ride together again.
+
+The batchers of one embodiment (one per model) plan against its replicas together (`serving.replica_pool`):
+a free replica takes the embodiment's earliest deadline whatever its model; while the robots ask for tight
+deadlines, one replica is always due to free within their reach; and a fine-tune that no replica holds
+counts its cold load in every prediction.
 """
 
 from __future__ import annotations
@@ -30,21 +35,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
 from serving.protocol import RequestError
-from serving.scheduler import (
-    ForwardTimeModel,
-    capacity_samples_per_s,
-    plan_batch,
-    predict_completion,
-    predicted_late,
-    replicas_needed,
-    service_ms,
-)
+from serving.replica_pool import ReplicaPool
+from serving.scheduler import ForwardTimeModel, plan_batch, predict_completion, predicted_late, service_ms
 
 # A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again, until the
 # requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
 PREDICTION_TOLERANCE = 0.1  # of a request's budget: refused on a prediction only when clearly late
+# Of the tightest budget: the part a tight request may spend waiting for a replica, beyond its own forward pass.
+REACH_SLACK = 0.1
 OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
@@ -96,6 +96,8 @@ class EmbodimentBatcher:
         max_queued: int = 512,
         scheduler: str = "edf",
         with_load: bool = False,
+        pool: ReplicaPool | None = None,
+        resident: Callable[[], bool] | None = None,
     ):
         if scheduler not in ("edf", "fifo"):
             raise ValueError(f"scheduler: expected 'edf' or 'fifo', got {scheduler!r}")
@@ -117,17 +119,17 @@ class EmbodimentBatcher:
         self._sorted: list[_Pending] = []  # waiting requests, earliest deadline first
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._busy_until: dict[asyncio.Task, float] = {}  # batch in flight -> its predicted completion (epoch s)
         self.model = ForwardTimeModel()
         self.overhead_ms = 0.0  # a batch call's time beyond its forward pass (Ray hops, (de)serialisation)
-        self._replicas_hint = 1
-        self._replicas_seen: dict[str, float] = {}  # replica id -> last reply (time.time())
+        # The embodiment's replicas, shared with the batchers of its other models; its own pool when alone.
+        self.pool = pool if pool is not None else ReplicaPool(tag)
+        self.pool.join(self)
+        self._resident = resident  # whether some replica holds this batcher's model (None: always, the default)
         # demand (samples/s arriving, refused or not) over a sliding pair of windows, for autoscaling
         self._window_start = time.time()
         self._window_samples = 0
         self._last_rate = 0.0
         self.counts = {"refused_early": 0, "expired": 0, "on_time": 0}
-        self.fleet_load: dict[str, float] = {}  # what the ingress knows beyond this batcher (busy_replicas)
 
     def start(self) -> None:
         run = self._run_edf if self.scheduler == "edf" else self._run_fifo
@@ -143,19 +145,28 @@ class EmbodimentBatcher:
             return len(self._sorted)
         return self._queue.qsize() + (self._carry is not None)
 
+    @property
+    def queued_samples(self) -> int:
+        return sum(p.samples for p in self._sorted) if self.scheduler == "edf" else self.queued
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def head_deadline(self) -> float | None:
+        """The earliest deadline waiting here (edf), None when nothing waits."""
+        while self._sorted and self._sorted[0].abandoned:
+            self._sorted.pop(0)
+        return self._sorted[0].deadline if self._sorted else None
+
     # --- capacity ---------------------------------------------------------------------------------------
 
     def set_replicas(self, n: int) -> None:
         """How many replicas serve this batcher's deployment (the ingress reads it from Serve)."""
-        self._replicas_hint = max(1, int(n))
-        self._wake.set()
+        self.pool.set_replicas(n)
 
     @property
     def replicas(self) -> int:
-        """Replicas to keep busy: the hint, or more if more answered in the last 10 s."""
-        now = time.time()
-        seen = sum(1 for t in self._replicas_seen.values() if now - t < 10.0)
-        return max(1, self._replicas_hint, seen)
+        return self.pool.replicas
 
     def _edf_slots(self) -> int:
         """Batches in flight: one per replica, plus one waiting behind each when the round trip to the replica
@@ -169,13 +180,29 @@ class EmbodimentBatcher:
         return max(1, min(self.max_inflight, self.replicas * min(depth, 2)))
 
     def _free_at(self, now: float) -> list[float]:
-        """When each replica finishes what it runs now (predicted); `now` for idle ones."""
-        replicas = max(1, self.replicas)
-        free = [now] * replicas
-        for end in sorted(self._busy_until.values()):  # batches in dispatch order run on the first free replica
-            free.sort()
-            free[0] = max(free[0], end)
-        return sorted(free)
+        """When each replica of the embodiment finishes what it runs now (predicted); `now` for idle ones."""
+        return self.pool.free_at(now)
+
+    def _call_overhead_ms(self) -> float:
+        """A batch call's predicted time beyond its forward pass: the Ray hops, and a cold load when no
+        replica holds this model and no batch of it is on its way (measured by the replicas: predictable)."""
+        cold = self._resident is not None and not self._inflight and not self._resident()
+        return self.overhead_ms + (self.pool.cold_load_ms if cold else 0.0)
+
+    def _reach_until(self, now: float, overhead_ms: float) -> float | None:
+        """When, at the latest, some replica must be free for a request of the tightest deadline the robots ask
+        for lately, arriving now, to make it (its own forward pass and a little slack aside). A batch must
+        not commit the last busy replica past it: without preemption, a tight request that arrives behind
+        long batches on every replica has already lost. None: no such class, or one no replica could meet."""
+        tight = self.pool.tightest_budget_s(now)
+        alone = service_ms(self.model, 1, overhead_ms)
+        if tight is None or alone is None:
+            return None
+        # While one waits `reach`, more tight requests arrive and ride its batch, each adding a sample's time:
+        # reach + alone + per_sample * rate * reach <= the budget (less the slack).
+        per_sample_s = self.model.per_sample_ms / 1000.0
+        reach = (tight * (1.0 - REACH_SLACK) - alone / 1000.0) / (1.0 + per_sample_s * self.pool.tightest_rate(now))
+        return now + reach if reach > 0 else None
 
     def _note_arrival(self, samples: int) -> None:
         now = time.time()
@@ -194,18 +221,8 @@ class EmbodimentBatcher:
         return max(self._last_rate, current)
 
     def load(self) -> dict[str, float]:
-        """What autoscaling needs to know about this embodiment's demand (sent along with each batch)."""
-        cap = capacity_samples_per_s(self.model, self.max_batch_size, self.overhead_ms)
-        demand = self.demand_samples_per_s()
-        queued_samples = sum(p.samples for p in self._sorted) if self.scheduler == "edf" else self.queued
-        return {
-            "demand_samples_per_s": round(demand, 3),
-            "capacity_samples_per_s": round(cap or 0.0, 3),
-            "queued_samples": float(queued_samples),
-            "replicas_needed": round(replicas_needed(demand, cap, 0.8), 3),
-            "replicas": float(self.replicas),
-            **self.fleet_load,
-        }
+        """What autoscaling needs to know about the embodiment's demand, all models (sent with each batch)."""
+        return self.pool.load()
 
     # --- submit -----------------------------------------------------------------------------------------
 
@@ -220,6 +237,7 @@ class EmbodimentBatcher:
                 "overloaded",
             )
         request.deadline = deadline
+        self.pool.note_arrival(deadline - received, request.samples, received)
         pending = _Pending(request, received, deadline, next(self._seq), PREDICTION_TOLERANCE * (deadline - received))
         if self.scheduler == "edf":
             self._admit(pending)
@@ -261,13 +279,15 @@ class EmbodimentBatcher:
             return
         now = time.time()
         ahead = 0
-        for p in self._sorted:  # EDF: everything with an earlier deadline goes first
-            if p.deadline > pending.deadline:
-                break
-            if not p.abandoned:
-                ahead += p.samples
-        done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, self.overhead_ms,
-                                  self.max_batch_size)
+        for b in self.pool.batchers:  # EDF: everything with an earlier deadline goes first, whatever its model
+            for p in b._sorted:
+                if p.deadline > pending.deadline:
+                    break
+                if not p.abandoned:
+                    ahead += p.samples
+        ahead += round(self.pool.expected_tighter_samples(pending.deadline - pending.received, pending.deadline, now))
+        done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model,
+                                  self._call_overhead_ms(), self.max_batch_size)
         if done is not None and done > pending.deadline + pending.tolerance:
             raise self._late_error(pending, done, now)
 
@@ -276,7 +296,8 @@ class EmbodimentBatcher:
     def _shed(self, now: float) -> None:
         """Refuse at once the waiting requests that the queue ahead of them makes late (predicted)."""
         self._sorted = [p for p in self._sorted if not p.abandoned]
-        late = predicted_late(self._sorted, self._free_at(now), self.model, self.overhead_ms, self.max_batch_size)
+        late = predicted_late(self._sorted, self._free_at(now), self.model, self._call_overhead_ms(),
+                              self.max_batch_size)
         if not late:
             return
         gone = {id(p) for p, _ in late}
@@ -289,40 +310,44 @@ class EmbodimentBatcher:
         while True:
             self._wake.clear()
             self._sorted = [p for p in self._sorted if not p.abandoned]
-            if not self._sorted or len(self._inflight) >= self._edf_slots():
+            # A replica takes the earliest deadline of the embodiment, whichever model's batcher holds it.
+            if (not self._sorted or self.pool.inflight >= self._edf_slots()
+                    or not self.pool.first_in_line(self)):
                 await self._wake.wait()
                 continue
-            if self._inflight and self.batch_wait_ms > 0 and sum(p.samples for p in self._sorted) < self.max_batch_size:
+            if self.pool.inflight and self.batch_wait_ms > 0 and self.queued_samples < self.max_batch_size:
                 # Another batch travels: wait a little for the robots it answered with ours, not past any slack.
                 slack = self._sorted[0].deadline - time.time()
                 await asyncio.sleep(max(0.0, min(self.batch_wait_ms / 1000.0, slack / 4)))
                 self._sorted = [p for p in self._sorted if not p.abandoned]
-                if not self._sorted:
+                if not self._sorted or self.pool.inflight >= self._edf_slots():
                     continue
             now = time.time()
+            overhead_ms = self._call_overhead_ms()
             # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
             start, *others = self._free_at(now)
-            plan = plan_batch(self._sorted, start, self.model, self.overhead_ms, self.max_batch_size, others)
+            plan = plan_batch(self._sorted, start, self.model, overhead_ms, self.max_batch_size, others,
+                              reach_until=self._reach_until(now, overhead_ms))
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
             for p in plan.refuse:
-                alone_ms = service_ms(self.model, p.samples, self.overhead_ms) or 0.0
+                alone_ms = service_ms(self.model, p.samples, overhead_ms) or 0.0
                 p.future.set_result(self._late_error(p, start + alone_ms / 1000.0, now))
-            if not plan.batch:
-                continue
-            await self._slots.acquire()
-            forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
-            # A batch sent behind a running one waits at the replica: its call time is not overhead.
-            task = loop.create_task(self._dispatch(plan.batch, forward_ms, learn_overhead=start <= now))
-            self._inflight.add(task)
-            self._busy_until[task] = start + (plan.predicted_ms or 0.0) / 1000.0
-            task.add_done_callback(self._batch_done)
-            self._shed(now)
+            if plan.batch:
+                await self._slots.acquire()
+                forward_ms = self.model.predict(sum(p.samples for p in plan.batch))  # reported against infer_ms
+                # A batch sent behind a running one waits at the replica: its call time is not overhead.
+                task = loop.create_task(self._dispatch(plan.batch, forward_ms, learn_overhead=start <= now))
+                self._inflight.add(task)
+                self.pool.busy_until[task] = start + (plan.predicted_ms or 0.0) / 1000.0
+                task.add_done_callback(self._batch_done)
+                self._shed(now)
+            self.pool.notify()  # the head moved: another model's batcher may be first in line now
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
-        self._busy_until.pop(task, None)
-        self._wake.set()
+        self.pool.busy_until.pop(task, None)
+        self.pool.notify()
 
     # --- fifo (the previous scheduler) ----------------------------------------------------------------
 
@@ -407,8 +432,10 @@ class EmbodimentBatcher:
             )
 
     def _learn(self, reply: BatchReply, call_ms: float) -> None:
-        """Feed the forward-time model with each distinct forward pass of the reply, and the call overhead."""
-        self._replicas_seen[reply.replica] = time.time()
+        """Feed the forward-time model with each distinct forward pass of the reply, the call overhead and the
+        cold-load time."""
+        self.pool.seen(reply.replica)
+        self.pool.observe_cold_load(reply.cold_load_ms)
         passes = {(t.get("forward_start"), t.get("infer_ms")): t for t in reply.timings if "infer_ms" in t}
         forward_ms = 0.0
         for t in passes.values():
@@ -417,7 +444,7 @@ class EmbodimentBatcher:
                 self.model.observe(samples, t["infer_ms"])
             forward_ms += t["infer_ms"]
         if passes and math.isfinite(call_ms):
-            extra = max(0.0, call_ms - forward_ms)
+            extra = max(0.0, call_ms - forward_ms - reply.cold_load_ms)
             # EWMA, robust to a call that stalled (a cold replica, a retry): one sample moves it a little.
             cap = OVERHEAD_FIRST_CAP_MS if self.overhead_ms == 0.0 else 2 * self.overhead_ms + 5.0
             extra = min(extra, cap)
@@ -438,6 +465,7 @@ class EmbodimentBatcher:
                 await asyncio.sleep(backoff)  # while Serve routes around the dead replica or restarts it
 
     async def close(self) -> None:
+        self.pool.leave(self)
         if self._task is not None:
             self._task.cancel()
         if self._inflight:  # answer what is already on its way before going (graceful shutdown)

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from clients.codec import CodecError, DecodeLimits, packb, unpackb_with_encoding
 from serving.batcher import EmbodimentBatcher
+from serving.replica_pool import ReplicaPool
 from serving.config import DEFAULT_MODEL, LOW_LATENCY_ENV_VARS, AdmissionConfig, CurveConfig, IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.metrics import FleetMetrics, MetricsBuffer
@@ -155,6 +156,8 @@ class ZmqIngress:
         self.router: EmbodimentRouter[DeploymentHandle] = EmbodimentRouter(handles)
         # One batcher per (embodiment, model): the default models' now, a fine-tune's at its first request.
         self.batchers: dict[tuple[str, str], EmbodimentBatcher] = {}
+        # ... all of an embodiment's batchers plan against its replicas together.
+        self.pools: dict[str, ReplicaPool] = {tag: ReplicaPool(tag) for tag, _ in self.router.items()}
         self._describe: dict[str, _Once] = {}
         self._modality: dict[tuple[str, str], _Once] = {}
         # Model names each embodiment serves (args at start, then the replicas' live user_config), and which
@@ -218,8 +221,11 @@ class ZmqIngress:
                 max_queued=self.admission[tag].max_queued_requests,
                 scheduler=self.config.scheduler,
                 with_load=True,
+                pool=self.pools[tag],
+                resident=None if model == DEFAULT_MODEL else (
+                    lambda: any(model in held for held in self._resident[tag].values())
+                ),
             )
-            batcher.set_replicas(self._running.get(tag, 1))
             batcher.start()
             self.batchers[key] = batcher
         return batcher
@@ -229,6 +235,8 @@ class ZmqIngress:
         table = await self.router.handle(tag).models.remote()
         self._served[tag] = set(table["served"])
         self._resident[tag][table["replica"]] = table["resident"]
+        if not self.pools[tag].cold_load_ms:  # until a fine-tune loads: as long as the default model took
+            self.pools[tag].observe_cold_load(max(table.get("cold_load_ms", {}).values(), default=0.0))
         self._models_checked[tag] = time.monotonic()
         # Batchers of models no longer served go; their robots are refused from now on.
         for key in [k for k in self.batchers if k[0] == tag and k[1] not in self._served[tag]]:
@@ -260,6 +268,9 @@ class ZmqIngress:
         except Exception as exc:
             logger.error("A policy failed to load, see its deployment in `serve status`: %s", exc)
             return
+        # Embodiments with fine-tunes: the replicas' load times, so a first cold load is predicted too.
+        with_fine_tunes = [tag for tag, served in self._served.items() if len(served) > 1]
+        await asyncio.gather(*(self._model_table(tag) for tag in with_fine_tunes), return_exceptions=True)
         devices = ", ".join(f"{tag} on {_device_of(d)}" for tag, d in zip(self._describe, described))
         first = self.config.ports[0]
         logger.info(
@@ -449,13 +460,13 @@ class ZmqIngress:
                 for tag, name in names.items():
                     if name in deployments:
                         self._running[tag] = deployments[name].replica_states.get("RUNNING", 0)
-                for (tag, _), b in self.batchers.items():
-                    b.set_replicas(self._running.get(tag, 1))
+                for tag, pool in self.pools.items():
+                    pool.set_replicas(self._running.get(tag, 1))
                 # Replicas with work to do, over every embodiment: the replicas share the cores by this count.
                 busy_tags = {tag for (tag, _), b in self.batchers.items() if b.demand_samples_per_s() > 0}
                 busy = sum(self._running.get(tag, 1) for tag in busy_tags)
-                for b in self.batchers.values():
-                    b.fleet_load["busy_replicas"] = float(max(1, busy))
+                for pool in self.pools.values():
+                    pool.fleet_load["busy_replicas"] = float(max(1, busy))
             except Exception as exc:  # the controller restarting: the batchers keep what they knew
                 logger.debug("replica count unavailable: %s", exc)
             await asyncio.sleep(REPLICA_WATCH_S)
