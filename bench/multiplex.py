@@ -10,8 +10,14 @@ Two layouts of the same K fine-tunes (demo checkpoints of one preset, seeds 0..K
 
 Robots pick a fine-tune per request with Zipf popularity (P(rank r) ~ 1/r^s), so a few are hot and most are
 idle. Figures: throughput (answers/s), latency p50/p99 (client side), the cold-load rate (share of requests
-that waited for their model to load, from the ingress's status page), and the memory of the policy replicas
-(resident set size summed over their processes). Writes bench/results/multiplex-<timestamp>.json.
+that waited for their model to load, from the ingress's status page), the load time the replicas measured,
+and the memory of the policy replicas (resident set size summed over their processes). Writes
+bench/results/multiplex-<timestamp>.json.
+
+A layout that cannot fit this machine is skipped, not started: its memory is estimated first (one fine-tune
+loaded in a subprocess, its resident set measured, times the layout's replicas, plus the pool's extra models
+and the ingresses) against MemAvailable. A layout not answering within `--start-timeout-s` is skipped too.
+Either way the JSON and the table say why, and the other layout's figures stand.
 
     python -m bench.multiplex                # 32 fine-tunes (small), 32 robots, 60 s per layout
     python -m bench.multiplex --quick        # smoke run: 4 tiny fine-tunes, 4 robots, 8 s per layout
@@ -23,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -177,13 +185,112 @@ def rss_mb(pids: Sequence[int]) -> float:
     return round(total, 1)
 
 
+# Run in a subprocess: the resident set of a process like a policy replica (Ray and Serve imported, as in every
+# replica), before any model, and with one fine-tune loaded and answering once (a forward pass touches every
+# weight: a memory-mapped checkpoint is resident only then). The first figure stands for an ingress replica.
+_REPLICA_RSS = """
+import json, os, sys
+from ray import serve
+import serving.policy_deployment, serving.ingress
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+bare = rss_mb()
+from clients.observations import random_observation
+from policy import load_policy
+policy = load_policy(sys.argv[1], sys.argv[2], device=sys.argv[3])
+policy.get_action(random_observation(policy.describe(), 1), {})
+print(json.dumps({"process_mb": bare, "replica_mb": rss_mb()}))
+"""
+# Margins of the fit check: the share of MemAvailable left free (page cache, the robots' threads, growth while
+# serving), and Ray's own processes besides the replicas (GCS, raylet, dashboard: about 0.5 GB here).
+FREE_SHARE = 0.1
+RAY_BASE_MB = 600.0
+
+
+def replica_memory(checkpoint: Path, device: str) -> dict[str, float]:
+    """Resident MB of a bare Serve process and of one with `checkpoint` loaded, and the checkpoint's MB on disk."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", _REPLICA_RSS, str(checkpoint), POLICY, device], env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures["checkpoint_mb"] = sum(f.stat().st_size for f in checkpoint.iterdir() if f.is_file()) / 2**20
+    return {k: round(v, 1) for k, v in figures.items()}
+
+
+def mem_available_mb() -> float:
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping (or the OOM killer)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def layout_memory_mb(layout: str, memory: dict[str, float], fine_tunes: int, replicas: int, max_models: int,
+                     worker_mb: float = 0.0) -> dict:
+    """What a layout will hold resident: its policy replicas (each with its models), its ingresses, and Ray's own
+    processes (controller, proxy: bare Serve processes; GCS and raylet: RAY_BASE_MB). `worker_mb`: what a Ray
+    worker process holds beyond the subprocess's figures (measured on a layout that ran), added per process."""
+    if layout == "pooled":  # the default model plus up to max_models fine-tunes per replica
+        policy_replicas, ingresses = replicas, 1
+        per_replica = memory["replica_mb"] + min(max_models, fine_tunes - 1) * memory["checkpoint_mb"]
+    else:  # one replica, one model, one ingress per fine-tune
+        policy_replicas, ingresses, per_replica = fine_tunes, fine_tunes, memory["replica_mb"]
+    per_replica += worker_mb
+    total = policy_replicas * per_replica + (ingresses + 2) * (memory["process_mb"] + worker_mb) + RAY_BASE_MB
+    return {"policy_replicas": policy_replicas, "per_replica_mb": round(per_replica, 1), "total_mb": round(total, 1)}
+
+
+def fit_check(estimate: dict[str, Any], available_mb: float, free_share: float = FREE_SHARE) -> str | None:
+    """None if the layout fits in MemAvailable less the free share, else why it does not (skipped, not started)."""
+    usable = available_mb * (1.0 - free_share)
+    if estimate["total_mb"] <= usable:
+        return None
+    gb = 1024.0
+    return (f"does not fit: {estimate['policy_replicas']} replicas x {estimate['per_replica_mb'] / gb:.1f} GB "
+            f"(+ ingresses and Ray) = {estimate['total_mb'] / gb:.1f} GB > {usable / gb:.1f} GB available "
+            f"({1 - free_share:.0%} of MemAvailable {available_mb / gb:.1f} GB)")
+
+
+def cold_load_figures(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The load time the replicas measured (ms), per model, over the batches that waited on a load (status pages)."""
+    by_model = {name: m["cold_load_ms_mean"] for page in pages for name, m in page.get("models", {}).items()
+                if "cold_load_ms_mean" in m}
+    mean = round(sum(by_model.values()) / len(by_model), 1) if by_model else None
+    return {"cold_load_ms_mean": mean, "cold_load_ms_by_model": by_model}
+
+
+def loads_by_preset(routes: list[tuple[int, str]]) -> list[dict[str, float]]:
+    """Each app's slowest model load per preset, as its replicas measured it (`info`), startup loads included."""
+    from clients import PolicyClient
+
+    out = []
+    for port in sorted({p for p, _ in routes}):
+        with PolicyClient("127.0.0.1", port, timeout_ms=120_000) as c:
+            out.append(c.info()["embodiments"][POLICY].get("cold_load_ms_by_preset", {}))
+    return out
+
+
 def measure(label: str, config: dict[str, Any], routes: list[tuple[int, str]], args, out_dir: Path, stamp: str) -> dict:
     runner = ServeRun(config, out_dir / f"multiplex-{stamp}-{label}.yaml", out_dir / f"multiplex-{stamp}-{label}.log")
     try:
         t0 = time.perf_counter()
-        for port in sorted({p for p, _ in routes}):
-            runner.wait_ready(f"127.0.0.1:{port}")
-        log(f"  {label}: {len(config['applications'])} app(s) up in {time.perf_counter() - t0:.1f} s")
+        try:
+            for port in sorted({p for p, _ in routes}):
+                left = args.start_timeout_s - (time.perf_counter() - t0)
+                if left <= 0:
+                    raise TimeoutError
+                runner.wait_ready(f"127.0.0.1:{port}", timeout_s=left)
+        except (TimeoutError, RuntimeError) as exc:  # recorded; the other layout's run goes on
+            late = time.perf_counter() - t0 >= args.start_timeout_s
+            why = f"not up after {args.start_timeout_s:.0f} s" if late else str(exc)
+            log(f"  {label}: skipped, {why}")
+            return {"skipped": why}
+        startup_s = round(time.perf_counter() - t0, 1)
+        log(f"  {label}: {len(config['applications'])} app(s) up in {startup_s} s")
         drive(routes, args, args.warmup_s, seed=1)  # every fine-tune answered once where the Zipf tail allows
         before = status_pages(config)
         result = drive(routes, args, args.duration_s, seed=2)
@@ -195,16 +302,35 @@ def measure(label: str, config: dict[str, Any], routes: list[tuple[int, str]], a
 
         (n0, c0), (n1, c1) = totals(before), totals(after)
         result["cold_load_rate"] = round((c1 - c0) / max(1, n1 - n0), 4)
-        pids = [pid for app in config["applications"]
-                for dep, ps in replica_processes(app["name"]).items() if dep == POLICY for pid in ps]
+        result.update(cold_load_figures(after))
+        # The default model's figure counts from the replica's start (imports included): not a fine-tune's load.
+        result["slowest_load_ms_incl_startup"] = max((ms for app in loads_by_preset(routes) for ms in app.values()),
+                                                     default=None)
+        result["startup_s"] = startup_s
+        processes = [replica_processes(app["name"]) for app in config["applications"]]
+        pids = [pid for by_dep in processes for pid in by_dep.get(POLICY, [])]
+        ingress_pids = [pid for by_dep in processes for pid in by_dep.get("ZmqIngress", [])]
         result["policy_replicas"] = len(pids)
         result["policy_rss_mb"] = rss_mb(pids)
+        result["ingress_rss_mb_each"] = round(rss_mb(ingress_pids) / max(1, len(ingress_pids)), 1)
         log(f"  {label}: {result['throughput_rps']} answers/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
-            f"cold-load rate {result['cold_load_rate']:.1%}, {result['policy_replicas']} policy replicas using "
-            f"{result['policy_rss_mb']} MB, {result['errors']} errors")
+            f"cold-load rate {result['cold_load_rate']:.1%} (loads {result['cold_load_ms_mean']} ms), "
+            f"{result['policy_replicas']} policy replicas using {result['policy_rss_mb']} MB, {result['errors']} errors")
         return result
     finally:
         runner.stop()
+
+
+def print_table(layouts: dict[str, dict[str, Any]]) -> None:
+    cols = [("answers/s", "throughput_rps"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"),
+            ("cold-load rate", "cold_load_rate"), ("cold load ms", "cold_load_ms_mean"),
+            ("policy replicas", "policy_replicas"), ("policy RSS MB", "policy_rss_mb"), ("errors", "errors")]
+    print(f"{'layout':<10} " + " ".join(f"{h:>15}" for h, _ in cols))
+    for name, r in layouts.items():
+        if "skipped" in r:
+            print(f"{name:<10} skipped: {r['skipped']}")
+        else:
+            print(f"{name:<10} " + " ".join(f"{str(r.get(k, '-')):>15}" for _, k in cols))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores both layouts divide among replicas")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--layouts", default="pooled,dedicated")
+    p.add_argument("--start-timeout-s", type=float, default=600.0,
+                   help="a layout not answering within this long is skipped (recorded), the run goes on")
     return p
 
 
@@ -239,9 +367,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "zipf_weights": [round(w, 4) for w in zipf(args.fine_tunes, args.zipf)], "layouts": {}}
     log(f"{args.fine_tunes} {args.preset} fine-tunes of {POLICY}, {args.robots} robots, Zipf s={args.zipf}, "
         f"{args.cores} cores, {args.device}")
+    memory = replica_memory(paths[-1], args.device)
+    results["replica_memory_mb"] = memory
+    log(f"one {args.preset} fine-tune: a replica-like process holds {memory['replica_mb']} MB "
+        f"({memory['process_mb']} MB before loading; checkpoint {memory['checkpoint_mb']} MB)")
+    worker_mb = 0.0  # a Ray worker's own memory beyond the subprocess's, once a layout has run
     for name in args.layouts.split(","):
+        estimate = layout_memory_mb(name, memory, args.fine_tunes, args.replicas, args.max_models, worker_mb)
+        available = mem_available_mb()
+        estimate["mem_available_mb"] = round(available, 1)
+        skipped = fit_check(estimate, available)
+        if skipped:
+            log(f"  {name}: skipped, {skipped}")
+            results["layouts"][name] = {"skipped": skipped, "memory_estimate": estimate}
+            continue
         config, routes = layouts[name](paths, args)
-        results["layouts"][name] = measure(name, config, routes, args, RESULTS, stamp)
+        result = measure(name, config, routes, args, RESULTS, stamp)
+        result["memory_estimate"] = estimate
+        results["layouts"][name] = result
+        if "ingress_rss_mb_each" in result:
+            worker_mb = max(worker_mb, result["ingress_rss_mb_each"] - memory["process_mb"])
+    print_table(results["layouts"])
     out = RESULTS / f"multiplex-{stamp}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {out}")

@@ -47,6 +47,7 @@ from serving.protocol import (
     parse_envelope,
     parse_options,
 )
+from serving.residency import ResidentModels
 from serving.router import EmbodimentRouter
 
 logger = logging.getLogger("ray.serve")
@@ -168,7 +169,10 @@ class ZmqIngress:
         self._models_checked: dict[str, float] = {}
         # (tag, model) -> [requests sent, requests that waited on a cold load]: the status page's cold-load rate
         self._model_counts: dict[tuple[str, str], list[int]] = {}
-        self._resident: dict[str, dict[str, list[str]]] = {tag: {} for tag, _ in self.router.items()}
+        # models each replica holds, as it last reported, pruned to the running replicas when `info` reads it
+        self._resident: dict[str, ResidentModels] = {tag: ResidentModels() for tag, _ in self.router.items()}
+        # (tag, model) -> [batches that waited on a cold load, their load ms summed, the last load ms]
+        self._cold_loads: dict[tuple[str, str], list[float]] = {}
         self._running: dict[str, int] = {}  # RUNNING replicas per embodiment, from Serve's status (_watch_replicas)
         for tag, handle in self.router.items():
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
@@ -211,6 +215,7 @@ class ZmqIngress:
                 counts[0] += len(reqs)
                 if reply.cold_load_ms:
                     counts[1] += len(reqs)
+                    self._note_cold_load(key, reply.cold_load_ms)
                 return reply
 
             # Batching starts at the defaults and follows each replica's live user_config from its first reply.
@@ -424,12 +429,10 @@ class ZmqIngress:
         embodiments = {}
         for tag, desc, table in zip(tags, described, tables):
             where = self._resident[tag]
+            where.prune(self._running.get(tag))  # replicas gone since (scaled down, restarted) drop out
             desc = dict(desc)
-            # Each model, its source, and the replicas holding it (as each replica last reported).
-            desc["models"] = {
-                name: {**src, "replicas": sorted(r for r, held in where.items() if name in held)}
-                for name, src in table["served"].items()
-            }
+            # Each model, its source, and the replicas holding it (as each running replica last reported).
+            desc["models"] = {name: {**src, "replicas": where.holding(name)} for name, src in table["served"].items()}
             desc["max_models_per_replica"] = table["max_models_per_replica"]
             desc["cold_load_ms_by_preset"] = table["cold_load_ms_by_preset"]
             embodiments[tag] = desc
@@ -447,6 +450,19 @@ class ZmqIngress:
                 depth[tag] = depth.get(tag, 0) + b.queued
             for tag, n in depth.items():
                 self._metrics.sink.queue_depth.set(n, tags={"embodiment": tag})
+
+    def _note_cold_load(self, key: tuple[str, str], load_ms: float) -> None:
+        seen = self._cold_loads.setdefault(key, [0, 0.0, 0.0])
+        seen[0] += 1
+        seen[1] += load_ms
+        seen[2] = load_ms
+
+    def _cold_load_figures(self, tag: str, model: str) -> dict[str, float]:
+        """For the status page: the load time the replicas measured, over the batches that waited on one."""
+        seen = self._cold_loads.get((tag, model))
+        if not seen:
+            return {}
+        return {"cold_load_ms_mean": round(seen[1] / seen[0], 1), "cold_load_ms_last": round(seen[2], 1)}
 
     async def _watch_replicas(self) -> None:
         """Tell each batcher how many replicas its deployment runs (Serve's status), so the EDF scheduler
@@ -490,7 +506,7 @@ class ZmqIngress:
             "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment, "protocol": p.protocol}
                       for p in self.config.ports],
             "embodiments": {b.tag: b.stats() for b in self.batchers.values()},
-            "models": {f"{tag}/{model}": {"requests": n, "cold_load_requests": cold}
+            "models": {f"{tag}/{model}": {"requests": n, "cold_load_requests": cold, **self._cold_load_figures(tag, model)}
                        for (tag, model), (n, cold) in self._model_counts.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},

@@ -145,13 +145,19 @@ def test_many_robots_churning_models_each_get_their_own(fleet):
     # Three fine-tunes through two slots: some requests waited on a reload (the churn the test is about).
     assert sum(counts[f"gr1/{n}"]["cold_load_requests"] for n in ("ft1", "ft2", "ft3")) > 3, counts
     assert counts["gr1/default"]["cold_load_requests"] == 0, counts  # the default model is never evicted
+    for name in ("ft1", "ft2", "ft3"):  # the load time the replica measured, for the requests that waited on it
+        if counts[f"gr1/{name}"]["cold_load_requests"]:
+            assert counts[f"gr1/{name}"]["cold_load_ms_mean"] > 0 and counts[f"gr1/{name}"]["cold_load_ms_last"] > 0
 
 
 def test_least_recently_used_fine_tune_is_evicted(fleet):
     with fleet.client() as c:
         for name in ["ft1", "ft2", "ft1", "ft3"]:  # ft2 is now the least recently used of two slots
-            c.get_action(fleet.obs, {**SEED, "model_id": name})
+            _, answered = c.get_action(fleet.obs, {**SEED, "model_id": name})
+        models = c.info()["embodiments"]["gr1"]["models"]
     assert fleet.resident() == ["default", "ft1", "ft3"]
+    # One replica runs: `info` names it, and no other (serving.residency prunes replicas gone since).
+    assert {r for m in models.values() for r in m["replicas"]} == {answered["server"]["replica"]}
 
 
 def test_model_metrics_reach_prometheus(fleet, metrics_port):
@@ -258,3 +264,36 @@ def test_demo_fine_tunes_live_beside_the_default_under_checkpoint_root(tmp_path)
     assert list(sources) == ["default", "a"]
     assert sources["default"].checkpoint == str(tmp_path / "tiny-gr1")
     assert sources["a"].checkpoint == str(tmp_path / "tiny-gr1-seed7")
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_info_lists_only_replicas_still_running():
+    from serving.residency import ResidentModels
+
+    clock = _Clock()
+    resident = ResidentModels(fresh_s=5.0, clock=clock)
+    resident["a"] = ["default", "ft1"]
+    clock.now += 1
+    resident["b"] = ["default", "ft1", "ft2"]
+    clock.now += 1
+    resident["c"] = ["default", "ft2"]
+    resident.prune(None)  # Serve's count not known yet: nothing goes
+    assert resident.holding("ft1") == ["a", "b"] and len(resident) == 3
+    resident.prune(1)  # all three heard from within fresh_s: a count that may lag drops no one yet
+    assert len(resident) == 3
+    clock.now += 10
+    resident["b"] = ["default", "ft1"]  # b answered again; a and c went quiet (scaled down, restarted)
+    resident.prune(2)  # two run: the stalest reporter (a) goes
+    assert resident.holding("ft1") == ["b"] and resident.holding("ft2") == ["c"]
+    resident.prune(1)
+    assert resident.holding("default") == ["b"] and resident.holding("ft2") == []
+    clock.now += 10
+    resident.prune(0)  # none running: none holds anything
+    assert resident.holding("default") == [] and len(resident) == 0
