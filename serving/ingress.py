@@ -228,7 +228,7 @@ class ZmqIngress:
                 with_load=True,
                 pool=self.pools[tag],
                 resident=None if model == DEFAULT_MODEL else (
-                    lambda: any(model in held for held in self._resident[tag].values())
+                    lambda: bool(self._resident[tag].holding(model))
                 ),
             )
             batcher.start()
