@@ -487,3 +487,33 @@ def test_a_cold_load_counts_in_the_prediction():
             await b.close()
 
     asyncio.run(main())
+
+
+def test_router_sends_each_batch_to_the_replica_with_the_least_predicted_work():
+    """The router's ranking and its own in-flight count, without a Serve cluster: replicas and requests are
+    stand-ins exposing the attributes Serve's RunningReplica / PendingRequest give a router."""
+    from types import SimpleNamespace
+
+    from serving.routing import SampleBalancedRouter
+
+    router = object.__new__(SampleBalancedRouter)  # Serve builds it with a live controller; the logic needs none
+    router.initialize_state()
+    stats = {"per_sample_ms": 100.0, "fixed_ms": 50.0, "inflight_samples": 0.0}
+    a = SimpleNamespace(replica_id="a", routing_stats=dict(stats))
+    b = SimpleNamespace(replica_id="b", routing_stats=dict(stats, inflight_samples=3.0))  # b reported 3 samples
+
+    def batch(rid: str, samples: int):
+        return SimpleNamespace(args=[[request(samples=samples)], {}],
+                               metadata=SimpleNamespace(multiplexed_model_id="", internal_request_id=rid))
+
+    async def main():
+        ranked = await router.choose_replicas([a, b], batch("r1", 8))
+        assert [r[0].replica_id for r in ranked] == ["a", "b"]  # a: no work; b: 3 samples
+        # the 8 samples just sent to a count at once (no stats poll yet): the next batch goes to b
+        ranked = await router.choose_replicas([a, b], batch("r2", 2))
+        assert ranked[0][0].replica_id == "b"
+        router.on_request_completed("a", "r1")  # a's batch answered: a is the least loaded again
+        ranked = await router.choose_replicas([a, b], batch("r3", 1))
+        assert ranked[0][0].replica_id == "a"
+
+    asyncio.run(main())
