@@ -16,9 +16,10 @@ Both send at once to an idle replica (no added wait for a lone robot) and wait `
 another batch is in flight, so robots answered together ride together again.
 
 The batchers of one embodiment (one per model) plan against its replicas together (`serving.replica_pool`):
-a free replica takes the embodiment's earliest deadline whatever its model; while the robots ask for tight
-deadlines, one replica is always due to free within their reach; and a fine-tune that no replica holds
-counts its cold load in every prediction.
+a free replica takes the embodiment's earliest deadline whatever its model; a request is admitted only if
+it makes its deadline behind the work queued ahead of it AND the tighter-deadline work expected to arrive
+and pass it (so under overload the loose robots' backlog leaves room for the tight ones instead of ageing
+into their urgency); and a fine-tune that no replica holds counts its cold load in every prediction.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ from serving.scheduler import ForwardTimeModel, plan_batch, predict_completion, 
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
 PREDICTION_TOLERANCE = 0.1  # of a request's budget: refused on a prediction only when clearly late
-# Of the tightest budget: the part a tight request may spend waiting for a replica, beyond its own forward pass.
-REACH_SLACK = 0.1
 OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
@@ -189,21 +188,6 @@ class EmbodimentBatcher:
         cold = self._resident is not None and not self._inflight and not self._resident()
         return self.overhead_ms + (self.pool.cold_load_ms if cold else 0.0)
 
-    def _reach_until(self, now: float, overhead_ms: float) -> float | None:
-        """When, at the latest, some replica must be free for a request of the tightest deadline the robots ask
-        for lately, arriving now, to make it (its own forward pass and a little slack aside). A batch must
-        not commit the last busy replica past it: without preemption, a tight request that arrives behind
-        long batches on every replica has already lost. None: no such class, or one no replica could meet."""
-        tight = self.pool.tightest_budget_s(now)
-        alone = service_ms(self.model, 1, overhead_ms)
-        if tight is None or alone is None:
-            return None
-        # While one waits `reach`, more tight requests arrive and ride its batch, each adding a sample's time:
-        # reach + alone + per_sample * rate * reach <= the budget (less the slack).
-        per_sample_s = self.model.per_sample_ms / 1000.0
-        reach = (tight * (1.0 - REACH_SLACK) - alone / 1000.0) / (1.0 + per_sample_s * self.pool.tightest_rate(now))
-        return now + reach if reach > 0 else None
-
     def _note_arrival(self, samples: int) -> None:
         now = time.time()
         self._window_samples += samples
@@ -286,8 +270,9 @@ class EmbodimentBatcher:
                 if not p.abandoned:
                     ahead += p.samples
         ahead += round(self.pool.expected_tighter_samples(pending.deadline - pending.received, pending.deadline, now))
-        done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model,
-                                  self._call_overhead_ms(), self.max_batch_size)
+        overhead_ms = self._call_overhead_ms()
+        done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, overhead_ms,
+                                  self.max_batch_size)
         if done is not None and done > pending.deadline + pending.tolerance:
             raise self._late_error(pending, done, now)
 
@@ -326,8 +311,7 @@ class EmbodimentBatcher:
             overhead_ms = self._call_overhead_ms()
             # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
             start, *others = self._free_at(now)
-            plan = plan_batch(self._sorted, start, self.model, overhead_ms, self.max_batch_size, others,
-                              reach_until=self._reach_until(now, overhead_ms))
+            plan = plan_batch(self._sorted, start, self.model, overhead_ms, self.max_batch_size, others)
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
             for p in plan.refuse:

@@ -3,9 +3,9 @@
 The ingress runs one batcher per (embodiment, model), since a batch never mixes models, but every model of
 an embodiment runs on the same replicas (Serve multiplexing). So when a replica frees, which batches run
 where, how many replicas there are and what demand autoscaling hears are facts about the embodiment, not
-about one model: they live here, and each batcher plans against the whole pool. Also shared: the tightest
-deadline the embodiment's robots asked for lately (how long a replica may be committed at once), and how
-long a cold model load takes.
+about one model: they live here, and each batcher plans against the whole pool. Also shared: how much
+work arrives per deadline class (what admission expects to pass a request from behind), and how long a
+cold model load takes.
 """
 
 from __future__ import annotations
@@ -19,26 +19,7 @@ from serving.scheduler import capacity_samples_per_s, replicas_needed
 if TYPE_CHECKING:
     from serving.batcher import EmbodimentBatcher
 
-TIGHT_WINDOW_S = 10.0  # how long a robot's tight deadline keeps shaping the batches after its last request
 REPLICA_SEEN_S = 10.0
-
-
-class RecentMinimum:
-    """The smallest value added in the last `window_s` seconds (a monotonic deque: O(1) amortised)."""
-
-    def __init__(self, window_s: float):
-        self.window_s = window_s
-        self._items: deque[tuple[float, float]] = deque()  # (value, time), values increasing
-
-    def add(self, value: float, now: float) -> None:
-        while self._items and self._items[-1][0] >= value:
-            self._items.pop()
-        self._items.append((value, now))
-
-    def value(self, now: float) -> float | None:
-        while self._items and self._items[0][1] < now - self.window_s:
-            self._items.popleft()
-        return self._items[0][0] if self._items else None
 
 
 class ClassRates:
@@ -70,10 +51,6 @@ class ClassRates:
         """(budget, samples/s) of the classes whose budget is clearly shorter than `budget_s`."""
         return [(b, r) for b, r in self.rates(now) if b < 0.75 * budget_s]
 
-    def rate_within(self, budget_s: float, now: float) -> float:
-        """Samples/s of the classes no looser than `budget_s` (its own class included)."""
-        return sum(r for b, r in self.rates(now) if b < 1.34 * budget_s)
-
 
 class ReplicaPool:
     def __init__(self, tag: str):
@@ -82,7 +59,6 @@ class ReplicaPool:
         self._replicas_hint = 1
         self._replicas_seen: dict[str, float] = {}  # replica id -> last reply (time.time())
         self.busy_until: dict[Any, float] = {}  # batch in flight (any model) -> its predicted completion (epoch s)
-        self._budgets = RecentMinimum(TIGHT_WINDOW_S)
         self._rates = ClassRates()
         self.cold_load_ms = 0.0  # a fine-tune's load on a replica, as replicas measured it (EWMA)
         self.fleet_load: dict[str, float] = {}  # what the ingress knows beyond this embodiment (busy_replicas)
@@ -141,7 +117,6 @@ class ReplicaPool:
     # --- deadlines and cold loads -----------------------------------------------------------------------
 
     def note_arrival(self, budget_s: float, samples: int, now: float) -> None:
-        self._budgets.add(budget_s, now)
         self._rates.add(budget_s, samples, now)
 
     def expected_tighter_samples(self, budget_s: float, deadline: float, now: float) -> float:
@@ -149,15 +124,6 @@ class ReplicaPool:
         its `deadline`: admission counts them as work ahead, so the loose robots' backlog leaves room for
         the tight ones instead of ageing into their urgency and crowding them out."""
         return sum(rate * max(0.0, deadline - budget - now) for budget, rate in self._rates.tighter_than(budget_s, now))
-
-    def tightest_budget_s(self, now: float) -> float | None:
-        """The shortest deadline budget (deadline - arrival) a request of this embodiment had lately."""
-        return self._budgets.value(now)
-
-    def tightest_rate(self, now: float) -> float:
-        """Samples/s arriving with (about) the tightest budget."""
-        tight = self.tightest_budget_s(now)
-        return 0.0 if tight is None else self._rates.rate_within(tight, now)
 
     def observe_cold_load(self, ms: float) -> None:
         if ms > 0:

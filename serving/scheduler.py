@@ -160,7 +160,6 @@ def plan_batch(
     max_batch_size: int,
     others_free_at: Sequence[float] = (),
     max_starts: int = 8,
-    reach_until: float | None = None,
 ) -> Plan:
     """What to send to a free replica now, from `queue` sorted by deadline (earliest first).
 
@@ -173,11 +172,6 @@ def plan_batch(
     batch waiting, when the head would cut the batch below half its full size. Ties go to the head. Requests
     are never split. Without a model (no reply yet) the batch is the first
     `max_batch_size` samples.
-
-    `reach_until` (epoch s) keeps a replica within reach of the tightest deadlines: when no other replica
-    frees by then, the batch is cut (after its first request) where it would run past it. With two replicas
-    one runs long, efficient batches while the other runs short ones, so a tight request never waits behind
-    long batches on every replica.
     """
     refuse: list = []
     live: list = []
@@ -190,8 +184,6 @@ def plan_batch(
     if not live:
         return Plan([], refuse, None)
 
-    # No other replica is free in time for a tight request: this batch must end in time for it.
-    cap = reach_until if reach_until is not None and min(others_free_at, default=math.inf) > reach_until else math.inf
 
     def run_from(i: int) -> tuple[list, int]:
         batch, samples = [], 0
@@ -200,7 +192,7 @@ def plan_batch(
             if samples + n > max_batch_size and batch:
                 break
             t = service_ms(model, samples + n, overhead_ms)
-            if batch and t is not None and now + t / 1000.0 > min(live[i].deadline, cap):
+            if batch and t is not None and now + t / 1000.0 > live[i].deadline:
                 break
             batch.append(item)
             samples += n
@@ -220,13 +212,7 @@ def plan_batch(
         # only wins when no longer run exists; its head then waits, and is refused if it can no longer make it.
         waiting = sum(x.samples for x in live)
         floor = max_batch_size // 2 if waiting >= max_batch_size else 0
-        # ... unless the head has no later chance: the next replica to free (another one, or this one after
-        # a batch of the floor's size) would start it too late. Then a small batch is what serving it costs,
-        # and tight deadlines are met at that price instead of being refused to keep batches full.
-        head = live[0]
-        next_chance = min([*others_free_at, now + service_ms(model, floor, overhead_ms) / 1000.0])
-        exempt = next_chance + service_ms(model, head.samples, overhead_ms) / 1000.0 > head.deadline
-        best_key = (best_samples < floor and not exempt, lost(best, best_samples))
+        best_key = (best_samples < floor, lost(best, best_samples))
         for i in range(1, min(len(live), max_starts)):
             if best_key == (False, 0):
                 break
