@@ -151,6 +151,16 @@ class EmbodimentBatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def samples_due_by(self, deadline: float) -> int:
+        """Samples waiting here with a deadline no later than `deadline` (edf)."""
+        due = 0
+        for p in self._sorted:
+            if p.deadline > deadline:
+                break
+            if not p.abandoned:
+                due += p.samples
+        return due
+
     def head_deadline(self) -> float | None:
         """The earliest deadline waiting here (edf), None when nothing waits."""
         while self._sorted and self._sorted[0].abandoned:
@@ -262,13 +272,8 @@ class EmbodimentBatcher:
         if not self.model.ready:
             return
         now = time.time()
-        ahead = 0
-        for b in self.pool.batchers:  # EDF: everything with an earlier deadline goes first, whatever its model
-            for p in b._sorted:
-                if p.deadline > pending.deadline:
-                    break
-                if not p.abandoned:
-                    ahead += p.samples
+        # EDF: everything with an earlier deadline goes first, whatever its model
+        ahead = sum(b.samples_due_by(pending.deadline) for b in self.pool.batchers)
         ahead += round(self.pool.expected_tighter_samples(pending.deadline - pending.received, pending.deadline, now))
         overhead_ms = self._call_overhead_ms()
         done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, overhead_ms,

@@ -184,7 +184,6 @@ def plan_batch(
     if not live:
         return Plan([], refuse, None)
 
-
     def run_from(i: int) -> tuple[list, int]:
         batch, samples = [], 0
         for item in live[i:]:
