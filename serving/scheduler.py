@@ -219,33 +219,7 @@ def plan_batch(
             key = (samples < floor, lost(batch, samples))
             if key < best_key:
                 best, best_samples, best_key = batch, samples, key
-    if model.ready and others_free_at and len(best) > 1:
-        best, best_samples = _balanced(best, now, min(others_free_at), model, overhead_ms)
     return Plan(best, refuse, service_ms(model, best_samples, overhead_ms))
-
-
-def _balanced(batch: list, now: float, other_free: float, model: ForwardTimeModel, overhead_ms: float) -> tuple[list, int]:
-    """The head of `batch` (EDF order) that finishes the whole of it soonest when the rest waits for the next
-    replica to free (`other_free`): where time grows with every sample (a CPU), two replicas each taking half
-    beat one taking all while the other idles; where a batch costs about the same at any size (a GPU), or
-    the other replica is busy long, the whole batch goes now."""
-    sizes = [x.samples for x in batch]
-    k = _split(sizes, now, other_free, model, overhead_ms)
-    return batch[:k], sum(sizes[:k])
-
-
-def _split(sizes: Sequence[int], now: float, other_free: float, model: ForwardTimeModel, overhead_ms: float) -> int:
-    """How many of `sizes` (requests in EDF order) go now; the rest on the replica freeing at `other_free`.
-    The split with the earliest end of both batches; ties keep the larger batch."""
-    total = sum(sizes)
-    best_k, best_end, head = len(sizes), now + service_ms(model, total, overhead_ms) / 1000.0, total
-    for k in range(len(sizes) - 1, 0, -1):
-        head -= sizes[k]
-        end = max(now + service_ms(model, head, overhead_ms) / 1000.0,
-                  max(now, other_free) + service_ms(model, total - head, overhead_ms) / 1000.0)
-        if end < best_end - 1e-9:
-            best_k, best_end = k, end
-    return best_k
 
 
 def predict_completion(
@@ -274,12 +248,6 @@ def predict_completion(
         workers.sort()
         remaining -= max_batch_size
     size = min(max(max_batch_size, samples), remaining + samples)
-    if len(workers) > 1 and 0 < remaining < size:
-        # plan_batch may split this last batch between the next two replicas to free; ours, the latest
-        # deadline, rides the second part.
-        head = _split([1] * remaining + [samples], workers[0], workers[1], model, overhead_ms)
-        if head <= remaining:
-            return max(workers[0], workers[1]) + service_ms(model, size - head, overhead_ms) / 1000.0
     return workers[0] + service_ms(model, size, overhead_ms) / 1000.0
 
 

@@ -500,15 +500,3 @@ def test_router_sends_each_batch_to_the_replica_with_the_least_predicted_work():
 
     asyncio.run(main())
 
-
-def test_plan_splits_the_queue_over_replicas_when_that_ends_it_sooner():
-    now = 1000.0
-    queue = [Item(now + 5.0) for _ in range(8)]
-    cpu = fitted(10.0, 50.0)  # every sample costs: 8 on one replica 410 ms, 4 + 4 on two 210 ms
-    assert len(plan_batch(queue, now, cpu, 0.0, 16, others_free_at=[now]).batch) == 4
-    assert len(plan_batch(queue, now, cpu, 0.0, 16, others_free_at=[now + 0.1]).batch) == 5  # 5 now, 3 then: 260 ms both
-    assert len(plan_batch(queue, now, cpu, 0.0, 16).batch) == 8  # one replica: all of it
-    gpu = fitted(300.0, 5.0)  # about the same at any size: the other busy for 200 ms, all of it goes now
-    assert len(plan_batch(queue, now, gpu, 0.0, 16, others_free_at=[now + 0.2]).batch) == 8
-    # what admission predicts for the last of them matches: it rides the second half
-    assert predict_completion(7, 1, [now, now], now, cpu, 0.0, 16) == pytest.approx(now + 0.210, abs=0.005)
