@@ -118,6 +118,31 @@ def slo_outcome(outcome: str, reply: Any) -> str:
     return "error"
 
 
+class _ModelCounts:
+    """One model's requests and the cold loads they waited on (the load time the replicas measured)."""
+
+    __slots__ = ("requests", "cold_requests", "cold_batches", "cold_ms_sum", "cold_ms_last")
+
+    def __init__(self):
+        self.requests = self.cold_requests = self.cold_batches = 0
+        self.cold_ms_sum = self.cold_ms_last = 0.0
+
+    def add(self, requests: int, cold_load_ms: float) -> None:
+        self.requests += requests
+        if cold_load_ms:
+            self.cold_requests += requests
+            self.cold_batches += 1
+            self.cold_ms_sum += cold_load_ms
+            self.cold_ms_last = cold_load_ms
+
+    def status(self) -> dict[str, float]:
+        out: dict[str, float] = {"requests": self.requests, "cold_load_requests": self.cold_requests}
+        if self.cold_batches:
+            out["cold_load_ms_mean"] = round(self.cold_ms_sum / self.cold_batches, 1)
+            out["cold_load_ms_last"] = round(self.cold_ms_last, 1)
+        return out
+
+
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
@@ -167,12 +192,10 @@ class ZmqIngress:
             tag: {DEFAULT_MODEL, *(models or {}).get(tag, [])} for tag, _ in self.router.items()
         }
         self._models_checked: dict[str, float] = {}
-        # (tag, model) -> [requests sent, requests that waited on a cold load]: the status page's cold-load rate
-        self._model_counts: dict[tuple[str, str], list[int]] = {}
+        # (tag, model) -> what the status page says of its requests and the cold loads they waited on
+        self._model_counts: dict[tuple[str, str], _ModelCounts] = {}
         # models each replica holds, as it last reported, pruned to the running replicas when `info` reads it
         self._resident: dict[str, ResidentModels] = {tag: ResidentModels() for tag, _ in self.router.items()}
-        # (tag, model) -> [batches that waited on a cold load, their load ms summed, the last load ms]
-        self._cold_loads: dict[tuple[str, str], list[float]] = {}
         self._running: dict[str, int] = {}  # RUNNING replicas per embodiment, from Serve's status (_watch_replicas)
         for tag, handle in self.router.items():
             self._describe[tag] = _Once(lambda h=handle: h.describe.remote())
@@ -211,11 +234,7 @@ class ZmqIngress:
                 reply = await handle.infer.remote(reqs, load)
                 if reply.models_resident:
                     self._resident[tag][reply.replica] = reply.models_resident
-                counts = self._model_counts.setdefault(key, [0, 0])
-                counts[0] += len(reqs)
-                if reply.cold_load_ms:
-                    counts[1] += len(reqs)
-                    self._note_cold_load(key, reply.cold_load_ms)
+                self._model_counts.setdefault(key, _ModelCounts()).add(len(reqs), reply.cold_load_ms)
                 return reply
 
             # Batching starts at the defaults and follows each replica's live user_config from its first reply.
@@ -451,19 +470,6 @@ class ZmqIngress:
             for tag, n in depth.items():
                 self._metrics.sink.queue_depth.set(n, tags={"embodiment": tag})
 
-    def _note_cold_load(self, key: tuple[str, str], load_ms: float) -> None:
-        seen = self._cold_loads.setdefault(key, [0, 0.0, 0.0])
-        seen[0] += 1
-        seen[1] += load_ms
-        seen[2] = load_ms
-
-    def _cold_load_figures(self, tag: str, model: str) -> dict[str, float]:
-        """For the status page: the load time the replicas measured, over the batches that waited on one."""
-        seen = self._cold_loads.get((tag, model))
-        if not seen:
-            return {}
-        return {"cold_load_ms_mean": round(seen[1] / seen[0], 1), "cold_load_ms_last": round(seen[2], 1)}
-
     async def _watch_replicas(self) -> None:
         """Tell each batcher how many replicas its deployment runs (Serve's status), so the EDF scheduler
         keeps every replica busy, including one autoscaling just added."""
@@ -506,8 +512,7 @@ class ZmqIngress:
             "ports": [{"address": f"tcp://{self.config.host}:{p.port}", "embodiment": p.embodiment, "protocol": p.protocol}
                       for p in self.config.ports],
             "embodiments": {b.tag: b.stats() for b in self.batchers.values()},
-            "models": {f"{tag}/{model}": {"requests": n, "cold_load_requests": cold, **self._cold_load_figures(tag, model)}
-                       for (tag, model), (n, cold) in self._model_counts.items()},
+            "models": {f"{tag}/{model}": counts.status() for (tag, model), counts in self._model_counts.items()},
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},
             "rss_mb": _rss_mb(),

@@ -29,10 +29,12 @@ class ClassRates:
     def __init__(self, window_s: float = 5.0):
         self.window_s = window_s
         self._arrivals: dict[float, deque[tuple[float, int]]] = {}  # budget class -> (time, samples)
+        self._samples: dict[float, int] = {}  # budget class -> samples in its deque (read on every admission)
 
     def add(self, budget_s: float, samples: int, now: float) -> None:
         key = float(f"{budget_s:.2g}")
         self._arrivals.setdefault(key, deque()).append((now, samples))
+        self._samples[key] = self._samples.get(key, 0) + samples
 
     def rates(self, now: float) -> list[tuple[float, float]]:
         """(budget, samples/s) of each class that sent lately."""
@@ -40,11 +42,11 @@ class ClassRates:
         for key in list(self._arrivals):
             q = self._arrivals[key]
             while q and q[0][0] < now - self.window_s:
-                q.popleft()
+                self._samples[key] -= q.popleft()[1]
             if not q:
-                del self._arrivals[key]
+                del self._arrivals[key], self._samples[key]
             else:
-                out.append((key, sum(n for _, n in q) / self.window_s))
+                out.append((key, self._samples[key] / self.window_s))
         return out
 
     def tighter_than(self, budget_s: float, now: float) -> list[tuple[float, float]]:
