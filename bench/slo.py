@@ -29,6 +29,7 @@ import asyncio
 import json
 import random
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,6 +63,9 @@ class ClassStats:
     no_answer: int = 0  # nothing within deadline + answer_grace_s
     worst_past_deadline_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # info["server"] of the actions delivered on time
+    infer_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)
 
     def summary(self, window_s: float) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -73,7 +77,14 @@ class ClassStats:
             "worst_past_deadline_s": round(self.worst_past_deadline_s, 3),
             "p50_ms": lat[len(lat) // 2] if lat else None,
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+            "median_batch_size": _median(self.batch_sizes),
+            "median_infer_ms": _median(self.infer_ms),
+            "median_queue_ms": _median(self.queue_ms),
         }
+
+
+def _median(xs: list) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
 
 
 async def _robot(ctx, address: str, payload: bytes, hz: float | None, deadline_ms: float, window: tuple[float, float],
@@ -117,6 +128,12 @@ async def _robot(ctx, address: str, payload: bytes, hz: float | None, deadline_m
                     elif past <= 0:
                         stats.on_time += 1
                         stats.latencies_ms.append((got - sent) * 1000.0)
+                        server = reply[1].get("server") if isinstance(reply, list) and len(reply) > 1 and \
+                            isinstance(reply[1], dict) else None
+                        if isinstance(server, dict):
+                            stats.batch_sizes.append(server.get("batch_size", 0))
+                            stats.infer_ms.append(server.get("infer_ms", 0.0))
+                            stats.queue_ms.append(server.get("queue_ms", 0.0))
                     else:
                         stats.late += 1
             else:
@@ -166,6 +183,9 @@ def drive(address: str, payloads: dict[str, bytes], robots: int, hz: float | Non
             setattr(total, k, getattr(total, k) + getattr(s, k))
         total.worst_past_deadline_s = max(total.worst_past_deadline_s, s.worst_past_deadline_s)
         total.latencies_ms += s.latencies_ms
+        total.batch_sizes += s.batch_sizes
+        total.infer_ms += s.infer_ms
+        total.queue_ms += s.queue_ms
     return {"robots": robots, "hz": hz, "window_s": window_s, "all": total.summary(window_s), "classes": per_class}
 
 
@@ -183,8 +203,20 @@ def _payloads(target: str, deadlines: dict[str, float], send_deadline: bool, ima
     return out
 
 
+def status_page(url: str | None) -> dict[str, Any] | None:
+    """The ingress's HTTP status page (its batchers' forward-time model, counts), None if it cannot be read."""
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read()).get("embodiments")
+    except (OSError, ValueError) as exc:
+        log(f"  status page {url} unreadable: {exc}")
+        return None
+
+
 def run_server(label: str, target: str, args, deadlines: dict[str, float], robot_counts: list[int] | None,
-               image_size) -> dict[str, Any]:
+               image_size, status_url: str | None = None) -> dict[str, Any]:
     """Capacity (closed loop) then the overload sweep against one server; robot counts from the first server."""
     payloads = _payloads(target, deadlines, send_deadline=label != "serial", image_size=image_size)
     address = f"tcp://{target}"
@@ -199,12 +231,14 @@ def run_server(label: str, target: str, args, deadlines: dict[str, float], robot
     for n in robot_counts:
         p = drive(address, payloads, n, args.hz, deadlines, args.warmup, args.duration, tight_share=args.tight_share)
         p["offered_samples_per_s"] = n * args.hz
+        p["server_status"] = status_page(status_url)
         a = p["all"]
         log(f"  {label} {n:4d} robots ({n * args.hz / capacity:.1f}x): goodput {a['goodput']:.2f}/s, attainment "
             + ", ".join(f"{c} {s['attainment'] if s['attainment'] is None else round(s['attainment'], 3)}"
                         for c, s in p["classes"].items())
             + f", refused {a['refused']}, expired {a['expired']}, late {a['late']}, no answer {a['no_answer']}, "
-              f"worst past deadline {a['worst_past_deadline_s']:.2f} s")
+              f"worst past deadline {a['worst_past_deadline_s']:.2f} s; on-time batches median "
+              f"{a['median_batch_size']} samples, forward {a['median_infer_ms']} ms")
         points.append(p)
     served_at_goal = [p["robots"] for p in points if (p["all"]["attainment"] or 0) >= ATTAINMENT_GOAL]
     return {"label": label, "capacity_samples_per_s": capacity, "capacity_point": cap, "robot_counts": robot_counts,
@@ -325,8 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = next(p["port"] for p in app["args"]["ingress"]["ports"] if p["embodiment"] == "gr1")
             runner = start_app(config, port, RESULTS / f"slo-config-{stamp}-{label}.yaml",
                                RESULTS / f"slo-serve-{stamp}-{label}.log")
+            status_url = f"http://127.0.0.1:{config['http_options']['port']}{app['route_prefix']}"
             try:
-                results["servers"][label] = run_server(label, f"127.0.0.1:{port}", args, deadlines, robot_counts, image_size)
+                results["servers"][label] = run_server(label, f"127.0.0.1:{port}", args, deadlines, robot_counts,
+                                                       image_size, status_url)
             finally:
                 runner.stop()
         elif label == "serial":
