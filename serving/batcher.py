@@ -4,10 +4,14 @@ A Ray call per request costs more than a small model's forward pass on a small m
 1948 req/s for 32 robots), so requests queue
 here per embodiment and leave in batches. Two schedulers (`ingress.scheduler`):
 
-- `edf` (default): earliest deadline first. A batch leaves when a replica is free (at most one batch per
-  replica in flight, so the queue stays here where deadlines are known), sized by `serving.scheduler` to the
-  largest batch whose predicted completion still meets the earliest deadline in it; a request predicted to
-  miss its deadline is refused at once with a `deadline` error giving the predicted and the allowed time.
+- `edf` (default): deadline-aware. The queue is ordered by deadline class, then deadline (the tighter class
+  first, earliest deadline first within a class: `serving.scheduler.budget_class`). A batch leaves when a
+  replica is free (at most one batch per replica in flight, so the queue stays here where deadlines are
+  known), sized by `serving.scheduler` to the largest batch whose predicted completion (its tail time:
+  one pass in ten runs longer than the mean) still meets the earliest deadline in it; while the robots ask
+  for a tighter class, batches are also kept short enough that some replica always frees within that class's
+  reach (`_batch_cap`). A request predicted to miss its deadline is refused at once with a `deadline` error
+  giving the predicted and the allowed time.
 - `fifo` (the previous scheduler, kept for comparison): as many samples as are waiting, up to
   `max_batch_size`, oldest first, at most `max_inflight` batches travelling at once; a request waits until
   its deadline before it hears it was too late.
@@ -16,9 +20,9 @@ Both send at once to an idle replica (no added wait for a lone robot) and wait `
 another batch is in flight, so robots answered together ride together again.
 
 The batchers of one embodiment (one per model) plan against its replicas together (`serving.replica_pool`):
-a free replica takes the embodiment's earliest deadline whatever its model; a request is admitted only if
-it makes its deadline behind the work queued ahead of it AND the tighter-deadline work expected to arrive
-and pass it (so under overload the loose robots' backlog leaves room for the tight ones instead of ageing
+a free replica takes the embodiment's first request in queue order whatever its model; a request is admitted
+only if it makes its deadline behind the work queued ahead of it AND the tighter-deadline work expected to
+arrive and pass it (so under overload the loose robots' backlog leaves room for the tight ones instead of ageing
 into their urgency); and a fine-tune that no replica holds counts its cold load in every prediction.
 """
 
@@ -37,13 +41,20 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
 from serving.protocol import RequestError
 from serving.replica_pool import ReplicaPool
-from serving.scheduler import ForwardTimeModel, plan_batch, predict_completion, predicted_late, service_ms
+from serving.scheduler import (
+    ForwardTimeModel,
+    budget_class,
+    plan_batch,
+    predict_completion,
+    predicted_late,
+    service_ms,
+)
 
 # A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again, until the
 # requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
-PREDICTION_TOLERANCE = 0.1  # of a request's budget: refused on a prediction only when clearly late
+REACH_MARGIN = 0.1  # of the tight budget: kept free of the reach, for the predictions' error
 OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
@@ -53,9 +64,6 @@ class _Pending:
     received: float  # time.time() at the ingress
     deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
     seq: int = 0  # arrival order: ties of deadline go oldest first
-    # How far a *prediction* may overrun the deadline before the request is refused on it: predictions err
-    # (a replica starting next door slows the others), and a request that turns out late is dropped anyway.
-    tolerance: float = 0.0
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -67,8 +75,13 @@ class _Pending:
     def samples(self) -> int:
         return self.request.samples
 
+    @property
+    def key(self) -> tuple[float, float, int]:
+        """Queue order: the tighter deadline class first (its budget to two digits), then the earliest deadline."""
+        return (budget_class(self.deadline - self.received), self.deadline, self.seq)
+
     def __lt__(self, other: "_Pending") -> bool:
-        return (self.deadline, self.seq) < (other.deadline, other.seq)
+        return self.key < other.key
 
 
 @dataclass
@@ -115,7 +128,7 @@ class EmbodimentBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None  # the request that did not fit in the last batch
         # edf
-        self._sorted: list[_Pending] = []  # waiting requests, earliest deadline first
+        self._sorted: list[_Pending] = []  # waiting requests in queue order (_Pending.key)
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self.model = ForwardTimeModel()
@@ -128,7 +141,7 @@ class EmbodimentBatcher:
         self._window_start = time.time()
         self._window_samples = 0
         self._last_rate = 0.0
-        self.counts = {"refused_early": 0, "expired": 0, "on_time": 0}
+        self.counts = {"refused_early": 0, "expired": 0, "expired_waiting": 0, "on_time": 0}
 
     def start(self) -> None:
         run = self._run_edf if self.scheduler == "edf" else self._run_fifo
@@ -151,21 +164,21 @@ class EmbodimentBatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def samples_due_by(self, deadline: float) -> int:
-        """Samples waiting here with a deadline no later than `deadline` (edf)."""
-        due = 0
+    def samples_ahead_of(self, key: tuple) -> int:
+        """Samples waiting here that go before a request of queue order `key` (edf)."""
+        ahead = 0
         for p in self._sorted:
-            if p.deadline > deadline:
+            if p.key >= key:
                 break
             if not p.abandoned:
-                due += p.samples
-        return due
+                ahead += p.samples
+        return ahead
 
-    def head_deadline(self) -> float | None:
-        """The earliest deadline waiting here (edf), None when nothing waits."""
+    def head_key(self) -> tuple | None:
+        """The queue order of the first request waiting here (edf), None when nothing waits."""
         while self._sorted and self._sorted[0].abandoned:
             self._sorted.pop(0)
-        return self._sorted[0].deadline if self._sorted else None
+        return self._sorted[0].key if self._sorted else None
 
     # --- capacity ---------------------------------------------------------------------------------------
 
@@ -197,6 +210,46 @@ class EmbodimentBatcher:
         replica holds this model and no batch of it is on its way (measured by the replicas: predictable)."""
         cold = self._resident is not None and not self._inflight and not self._resident()
         return self.overhead_ms + (self.pool.cold_load_ms if cold else 0.0)
+
+    def _reach_s(self, now: float, overhead_ms: float) -> float | None:
+        """How long a request of the tightest class can wait for a free replica and still make its deadline:
+        its budget less its own batch (itself and the tight requests arriving while it waits) and a margin.
+        None when no class is tighter than the others, or when even a free replica could not serve it."""
+        tight = self.pool.tightest_class(now)
+        alone = service_ms(self.model, 1, overhead_ms, tail=True)
+        if tight is None or alone is None:
+            return None
+        budget, rate = tight
+        per_sample_s = self.model.per_sample_ms / 1000.0
+        reach = (budget * (1.0 - REACH_MARGIN) - alone / 1000.0) / (1.0 + per_sample_s * rate)
+        return reach if reach > 0 else None
+
+    def _largest_batch_within(self, seconds: float, overhead_ms: float) -> int:
+        """The most samples (at least 1, at most max_batch_size) whose predicted service fits in `seconds`."""
+        fixed = self.model.fixed_ms + overhead_ms
+        per = max(self.model.per_sample_ms, 1e-6)
+        return max(1, min(self.max_batch_size, int((seconds * 1000.0 - fixed) / per)))
+
+    def _batch_cap(self, start: float, others: list[float], overhead_ms: float) -> int:
+        """Samples the batch starting at `start` may carry (edf).
+
+        Without preemption, a tight request is served when the next replica frees: so while the robots ask for
+        a tight class, no gap between two replicas freeing may outgrow its reach. This batch ends after the
+        last of the others, so it must end within the reach of that one; the replicas fall into step, each
+        freeing about reach / replicas after the previous, and a batch lasts up to replicas x reach: small
+        enough to keep the tight class, long enough to keep the throughput of batching."""
+        reach = self._reach_s(start, overhead_ms)
+        if reach is None:
+            return self.max_batch_size
+        end_by = max([start, *others]) + reach
+        return self._largest_batch_within(end_by - start, overhead_ms)
+
+    def _steady_batch_size(self, now: float, overhead_ms: float) -> int:
+        """The batch size the replicas settle at under load (what admission plans the queue ahead with)."""
+        reach = self._reach_s(now, overhead_ms)
+        if reach is None:
+            return self.max_batch_size
+        return self._largest_batch_within(self.replicas * reach, overhead_ms)
 
     def _note_arrival(self, samples: int) -> None:
         now = time.time()
@@ -232,7 +285,7 @@ class EmbodimentBatcher:
             )
         request.deadline = deadline
         self.pool.note_arrival(deadline - received, request.samples, received)
-        pending = _Pending(request, received, deadline, next(self._seq), PREDICTION_TOLERANCE * (deadline - received))
+        pending = _Pending(request, received, deadline, next(self._seq))
         if self.scheduler == "edf":
             self._admit(pending)
             bisect.insort(self._sorted, pending)
@@ -244,6 +297,8 @@ class EmbodimentBatcher:
         except asyncio.TimeoutError:
             pending.future.cancel()  # a late action must never reach the robot; the batcher skips it
             self.counts["expired"] += 1
+            # Expired waiting (the queue or its order misjudged) or on a replica (a forward pass ran long)?
+            self.counts["expired_waiting"] += any(p is pending for p in self._sorted)
             raise RequestError(
                 f"deadline exceeded: no action for {self.tag!r} within {(deadline - received) * 1000:.0f} ms "
                 f"({self.queued} waiting, {len(self._inflight)} batches in flight)",
@@ -272,13 +327,13 @@ class EmbodimentBatcher:
         if not self.model.ready:
             return
         now = time.time()
-        # EDF: everything with an earlier deadline goes first, whatever its model
-        ahead = sum(b.samples_due_by(pending.deadline) for b in self.pool.batchers)
+        # Everything before it in queue order goes first, whatever its model
+        ahead = sum(b.samples_ahead_of(pending.key) for b in self.pool.batchers)
         ahead += round(self.pool.expected_tighter_samples(pending.deadline - pending.received, pending.deadline, now))
         overhead_ms = self._call_overhead_ms()
         done = predict_completion(ahead, pending.samples, self._free_at(now), now, self.model, overhead_ms,
-                                  self.max_batch_size)
-        if done is not None and done > pending.deadline + pending.tolerance:
+                                  self._steady_batch_size(now, overhead_ms))
+        if done is not None and done > pending.deadline:
             raise self._late_error(pending, done, now)
 
     # --- edf --------------------------------------------------------------------------------------------
@@ -286,8 +341,9 @@ class EmbodimentBatcher:
     def _shed(self, now: float) -> None:
         """Refuse at once the waiting requests that the queue ahead of them makes late (predicted)."""
         self._sorted = [p for p in self._sorted if not p.abandoned]
-        late = predicted_late(self._sorted, self._free_at(now), self.model, self._call_overhead_ms(),
-                              self.max_batch_size)
+        overhead_ms = self._call_overhead_ms()
+        late = predicted_late(self._sorted, self._free_at(now), self.model, overhead_ms,
+                              self._steady_batch_size(now, overhead_ms))
         if not late:
             return
         gone = {id(p) for p, _ in late}
@@ -300,14 +356,14 @@ class EmbodimentBatcher:
         while True:
             self._wake.clear()
             self._sorted = [p for p in self._sorted if not p.abandoned]
-            # A replica takes the earliest deadline of the embodiment, whichever model's batcher holds it.
+            # A replica takes the embodiment's first request in queue order, whichever model's batcher holds it.
             if (not self._sorted or self.pool.inflight >= self._edf_slots()
                     or not self.pool.first_in_line(self)):
                 await self._wake.wait()
                 continue
             if self.pool.inflight and self.batch_wait_ms > 0 and self.queued_samples < self.max_batch_size:
                 # Another batch travels: wait a little for the robots it answered with ours, not past any slack.
-                slack = self._sorted[0].deadline - time.time()
+                slack = min(p.deadline for p in self._sorted) - time.time()
                 await asyncio.sleep(max(0.0, min(self.batch_wait_ms / 1000.0, slack / 4)))
                 self._sorted = [p for p in self._sorted if not p.abandoned]
                 if not self._sorted or self.pool.inflight >= self._edf_slots():
@@ -316,11 +372,12 @@ class EmbodimentBatcher:
             overhead_ms = self._call_overhead_ms()
             # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
             start, *others = self._free_at(now)
-            plan = plan_batch(self._sorted, start, self.model, overhead_ms, self.max_batch_size, others)
+            plan = plan_batch(self._sorted, start, self.model, overhead_ms,
+                              self._batch_cap(start, others, overhead_ms), others)
             taken = {id(p) for p in plan.batch} | {id(p) for p in plan.refuse}
             self._sorted = [p for p in self._sorted if id(p) not in taken]
             for p in plan.refuse:
-                alone_ms = service_ms(self.model, p.samples, overhead_ms) or 0.0
+                alone_ms = service_ms(self.model, p.samples, overhead_ms, tail=True) or 0.0
                 p.future.set_result(self._late_error(p, start + alone_ms / 1000.0, now))
             if plan.batch:
                 await self._slots.acquire()

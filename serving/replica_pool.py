@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from serving.scheduler import capacity_samples_per_s, replicas_needed
+from serving.scheduler import budget_class, capacity_samples_per_s, replicas_needed
 
 if TYPE_CHECKING:
     from serving.batcher import EmbodimentBatcher
@@ -32,7 +32,7 @@ class ClassRates:
         self._samples: dict[float, int] = {}  # budget class -> samples in its deque (read on every admission)
 
     def add(self, budget_s: float, samples: int, now: float) -> None:
-        key = float(f"{budget_s:.2g}")
+        key = budget_class(budget_s)
         self._arrivals.setdefault(key, deque()).append((now, samples))
         self._samples[key] = self._samples.get(key, 0) + samples
 
@@ -48,6 +48,16 @@ class ClassRates:
             else:
                 out.append((key, self._samples[key] / self.window_s))
         return out
+
+    def tightest(self, now: float) -> tuple[float, float] | None:
+        """(budget, samples/s) of the tightest class, when the robots ask for clearly different deadlines
+        (its budget under 3/4 of the loosest); None when there is one class only: then no class is traded
+        against another and batches need no cap beyond their own earliest deadline."""
+        rates = self.rates(now)
+        if len(rates) < 2:
+            return None
+        tight = min(rates)
+        return tight if tight[0] < 0.75 * max(rates)[0] else None
 
     def tighter_than(self, budget_s: float, now: float) -> list[tuple[float, float]]:
         """(budget, samples/s) of the classes whose budget is clearly shorter than `budget_s`."""
@@ -110,16 +120,20 @@ class ReplicaPool:
             b.wake()
 
     def first_in_line(self, batcher: "EmbodimentBatcher") -> bool:
-        """Whether `batcher` holds the earliest deadline waiting (EDF across the embodiment's models)."""
-        mine = batcher.head_deadline()
+        """Whether `batcher` holds the request that goes first (queue order across the embodiment's models)."""
+        mine = batcher.head_key()
         if mine is None:
             return False
-        return all(o is batcher or (d := o.head_deadline()) is None or d >= mine for o in self.batchers)
+        return all(o is batcher or (k := o.head_key()) is None or k >= mine for o in self.batchers)
 
     # --- deadlines and cold loads -----------------------------------------------------------------------
 
     def note_arrival(self, budget_s: float, samples: int, now: float) -> None:
         self._rates.add(budget_s, samples, now)
+
+    def tightest_class(self, now: float) -> tuple[float, float] | None:
+        """(budget s, samples/s) of the tightest deadline class lately, if the robots ask for several."""
+        return self._rates.tightest(now)
 
     def expected_tighter_samples(self, budget_s: float, deadline: float, now: float) -> float:
         """Samples expected to arrive with tighter deadlines and pass a request of `budget_s` (EDF) before

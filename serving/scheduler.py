@@ -6,8 +6,12 @@ forward pass of n samples takes (fed by the replicas' own `infer_ms`):
 
 - admission: a request whose predicted completion is past its deadline is refused at once (the robot can
   resend a fresh observation) instead of waiting out its budget or being computed too late;
-- order: earliest deadline first, so the requests that can still make it go before the ones with slack;
+- order: the tighter deadline class first, then the earliest deadline, so the requests that can still make
+  it go before the ones with slack (`budget_class`);
 - batch size: the largest batch whose predicted completion still meets the earliest deadline inside it.
+
+A request's own batch is judged by its tail time (`ForwardTimeModel.tail_factor`), not the mean: whether
+one request makes it depends on one pass, and passes on a shared machine vary.
 
 Everything here is a pure function of its inputs (times in seconds, `now` passed in) so it can be tested
 against a fake replica with a known latency curve.
@@ -16,8 +20,25 @@ against a fake replica with a known latency curve.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence
+
+
+TAIL_QUANTILE = 0.9
+TAIL_WINDOW = 64  # passes
+TAIL_MIN_OBSERVATIONS = 8
+
+
+def budget_class(budget_s: float) -> float:
+    """A request's deadline class: its time budget to two significant digits (1.5 s, 4.0 s, 0.25 s).
+
+    The queue serves the tighter class first, then the earliest deadline (deadline-monotonic between
+    classes, EDF within one). Pure EDF would let a loose request that has waited most of its budget go
+    before a tight one that just came, so any error in predicting the loose backlog lands on the tight
+    robots; class first, it lands on the loose ones, who have the slack to absorb it (and admission counts
+    the tighter arrivals expected ahead of a loose request)."""
+    return float(f"{budget_s:.2g}")
 
 
 class ForwardTimeModel:
@@ -33,6 +54,7 @@ class ForwardTimeModel:
     """
 
     def __init__(self, decay: float = 0.95, ridge: float = 0.3, min_observations: int = 3):
+        self._ratios: deque[float] = deque(maxlen=TAIL_WINDOW)  # observed / predicted, of the recent passes
         self.decay = decay
         self.ridge = ridge
         self.min_observations = min_observations
@@ -61,6 +83,8 @@ class ForwardTimeModel:
                     return  # an outlier, until it repeats
                 self._reset()  # a lasting change: start over from here
             self._streak = 0
+            if self.ready:
+                self._ratios.append(ratio)
         d = self.decay
         n = float(samples)
         self._s0 = d * self._s0 + 1.0
@@ -91,9 +115,27 @@ class ForwardTimeModel:
             return None
         return self.fixed_ms + self.per_sample_ms * samples
 
+    @property
+    def tail_factor(self) -> float:
+        """How much longer than predicted a pass runs at the TAIL_QUANTILE of the recent ones (at least 1).
+
+        A request rides one batch: whether it makes its deadline depends on that batch's time, not on the
+        mean, and on a shared CPU one pass in ten runs a third over (another replica's pass, the ingress).
+        So the decisions for a request's own batch use the tail; the work queued ahead of it, many passes
+        whose errors even out, the mean."""
+        if len(self._ratios) < TAIL_MIN_OBSERVATIONS:
+            return 1.0
+        ordered = sorted(self._ratios)
+        return max(1.0, ordered[min(len(ordered) - 1, int(TAIL_QUANTILE * len(ordered)))])
+
+    def predict_tail(self, samples: int) -> float | None:
+        """Forward ms that `samples` samples stay within but for one pass in ten (see tail_factor)."""
+        mean = self.predict(samples)
+        return None if mean is None else mean * self.tail_factor
+
     def snapshot(self) -> dict[str, float]:
         return {"fixed_ms": round(self.fixed_ms, 3), "per_sample_ms": round(self.per_sample_ms, 3),
-                "observations": float(self.observations)}
+                "observations": float(self.observations), "tail_factor": round(self.tail_factor, 3)}
 
 
 class Queued(Protocol):
@@ -112,8 +154,10 @@ class Plan:
     predicted_ms: float | None  # the batch's predicted service time (overhead + forward), None without a model
 
 
-def service_ms(model: ForwardTimeModel, samples: int, overhead_ms: float) -> float | None:
-    forward = model.predict(samples)
+def service_ms(model: ForwardTimeModel, samples: int, overhead_ms: float, tail: bool = False) -> float | None:
+    """A batch's predicted time from dispatch to reply: the mean, or with `tail` the time one pass in ten
+    exceeds (what a request's deadline is judged against for the batch it rides)."""
+    forward = model.predict_tail(samples) if tail else model.predict(samples)
     return None if forward is None else forward + overhead_ms
 
 
@@ -124,13 +168,13 @@ def predicted_late(
     overhead_ms: float,
     max_batch_size: int,
 ) -> list:
-    """(request, predicted completion) of the requests of `queue` (deadline order) that would miss their
+    """(request, predicted completion) of the requests of `queue` (in queue order) that would miss their
     deadline if served in that order.
 
     One pass: the kept requests fill batches of `max_batch_size` handed to whichever replica frees first
-    (`free_at`, epoch s); a request is late when the batch it would ride completes past its deadline, and
-    then it is left out (refusing it frees the room for the ones behind it). An item's optional
-    `tolerance` (s) is how far past its deadline a prediction may go before it counts: predictions err.
+    (`free_at`, epoch s); a request is late when the batch it would ride completes past its deadline (that
+    batch's tail time, see ForwardTimeModel.tail_factor), and then it is left out (refusing it frees the
+    room for the ones behind it).
     """
     full = service_ms(model, max_batch_size, overhead_ms)
     if full is None or not free_at:
@@ -140,8 +184,8 @@ def predicted_late(
     partial = 0  # samples already in the batch being filled
     for item in queue:
         size = min(max_batch_size, partial + item.samples)
-        done = workers[0] + service_ms(model, size, overhead_ms) / 1000.0
-        if done > item.deadline + getattr(item, "tolerance", 0.0):
+        done = workers[0] + service_ms(model, size, overhead_ms, tail=True) / 1000.0
+        if done > item.deadline:
             late.append((item, done))
             continue
         partial += item.samples
@@ -161,12 +205,11 @@ def plan_batch(
     others_free_at: Sequence[float] = (),
     max_starts: int = 8,
 ) -> Plan:
-    """What to send to a free replica now, from `queue` sorted by deadline (earliest first).
+    """What to send to a free replica now, from `queue` in queue order (tighter class, then earliest deadline).
 
     A request that cannot make its deadline even alone on a free replica is refused. A batch is a run of
-    the queue in deadline order, so its earliest deadline is its first request's; it is as large as fits
-    in `max_batch_size` samples with its predicted completion still meeting that deadline. Starting the run
-    at the head is plain EDF; but under load a head with little slack would cut every batch small and
+    the queue; it is as large as fits in `max_batch_size` samples with its predicted completion still
+    meeting the earliest deadline inside it. Starting the run at the head is plain queue order; but under load a head with little slack would cut every batch small and
     starve everyone behind it, so the run may start a little further down when that leaves fewer requests
     predicted late (on this replica after the batch, and on the others, `others_free_at`), and, with a full
     batch waiting, when the head would cut the batch below half its full size. Ties go to the head. Requests
@@ -176,8 +219,8 @@ def plan_batch(
     refuse: list = []
     live: list = []
     for item in queue:
-        alone = service_ms(model, item.samples, overhead_ms)
-        if alone is not None and now + alone / 1000.0 > item.deadline + getattr(item, "tolerance", 0.0):
+        alone = service_ms(model, item.samples, overhead_ms, tail=True)
+        if alone is not None and now + alone / 1000.0 > item.deadline:
             refuse.append(item)
         else:
             live.append(item)
@@ -185,16 +228,17 @@ def plan_batch(
         return Plan([], refuse, None)
 
     def run_from(i: int) -> tuple[list, int]:
-        batch, samples = [], 0
+        batch, samples, due = [], 0, math.inf
         for item in live[i:]:
             n = item.samples
             if samples + n > max_batch_size and batch:
                 break
-            t = service_ms(model, samples + n, overhead_ms)
-            if batch and t is not None and now + t / 1000.0 > live[i].deadline:
+            t = service_ms(model, samples + n, overhead_ms, tail=True)
+            if batch and t is not None and now + t / 1000.0 > min(due, item.deadline):
                 break
             batch.append(item)
             samples += n
+            due = min(due, item.deadline)
             if samples >= max_batch_size:
                 break
         return batch, samples
@@ -248,7 +292,7 @@ def predict_completion(
         workers.sort()
         remaining -= max_batch_size
     size = min(max(max_batch_size, samples), remaining + samples)
-    return workers[0] + service_ms(model, size, overhead_ms) / 1000.0
+    return workers[0] + service_ms(model, size, overhead_ms, tail=True) / 1000.0
 
 
 def capacity_samples_per_s(model: ForwardTimeModel, max_batch_size: int, overhead_ms: float) -> float | None:

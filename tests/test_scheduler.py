@@ -68,6 +68,18 @@ def test_model_recovers_a_linear_latency_curve():
     assert m.predict(32) == pytest.approx(360.0, rel=0.05)
 
 
+def test_model_tail_factor_is_how_much_longer_one_pass_in_ten_runs():
+    m = fitted(100.0, 0.0, sizes=(1,))
+    assert m.tail_factor == 1.0  # exact so far
+    for i in range(40):  # one pass in five runs 40% over; none is an outlier to set aside
+        m.observe(1, 140.0 if i % 5 == 0 else 100.0)
+    assert 1.25 < m.tail_factor < 1.45
+    assert m.predict_tail(1) == pytest.approx(m.predict(1) * m.tail_factor)
+    for _ in range(64):  # the shared load went away: the window forgets it
+        m.observe(1, 100.0)
+    assert m.tail_factor < 1.1
+
+
 def test_model_knows_nothing_before_data_and_is_exact_where_it_saw_data():
     m = ForwardTimeModel()
     assert m.predict(4) is None
@@ -500,3 +512,80 @@ def test_router_sends_each_batch_to_the_replica_with_the_least_predicted_work():
 
     asyncio.run(main())
 
+
+
+# --- the tighter class first; batches short enough for it --------------------------------------------------
+
+
+def test_class_rates_name_a_tightest_class_only_when_deadlines_differ():
+    from serving.replica_pool import ClassRates
+
+    rates = ClassRates(window_s=5.0)
+    now = 1000.0
+    for i in range(20):
+        rates.add(4.0, 1, now - 4.0 + i * 0.2)
+    assert rates.tightest(now) is None  # one class: nothing to trade against
+    for i in range(10):
+        rates.add(1.5, 1, now - 4.0 + i * 0.4)
+    budget, rate = rates.tightest(now)
+    assert budget == 1.5 and rate == pytest.approx(2.0)
+    rates.add(3.5, 1, now)  # 4.0 and 3.5 and 1.5: still 1.5
+    assert rates.tightest(now)[0] == 1.5
+
+
+def test_a_tight_request_goes_before_a_loose_one_whose_deadline_is_earlier():
+    async def scenario():
+        fake = FakeReplicas(50.0, 10.0, replicas=1, max_batch_size=1)
+        b = EmbodimentBatcher("gr1", fake.send, max_batch_size=1, batch_wait_ms=0.0)
+        b.start()
+        try:
+            await _warm(b)
+            warm = len(fake.batches)
+            now = time.time()
+            busy = asyncio.create_task(b.submit(request(0), now, now + 5.0))  # holds the one replica ~60 ms
+            give_up = time.time() + 5.0
+            while len(fake.batches) == warm and time.time() < give_up:
+                await asyncio.sleep(0.002)
+            # a loose request that has waited 3.9 s of its 4 s, then a tight one of 0.5 s that just came
+            loose = asyncio.create_task(b.submit(request(1), now - 3.9, now + 0.4))
+            tight = asyncio.create_task(b.submit(request(2), now, now + 0.5))
+            await asyncio.gather(busy, loose, tight, return_exceptions=True)
+            return [r.observation["id"] for batch in fake.batches[warm:] for r in batch]
+        finally:
+            await b.close()
+
+    # deadline order would send the loose one first; the tighter class goes first (both make it here)
+    assert asyncio.run(scenario()) == [0, 2, 1]
+
+
+def test_a_batch_is_cut_at_the_earliest_deadline_inside_it_not_its_first():
+    m = fitted(100.0, 100.0)  # n samples: 100 + 100 n ms
+    now = 1000.0
+    # queue order puts a request with a later deadline first (the tighter class); the third is due in 0.45 s
+    queue = [Item(now + 2.0), Item(now + 2.0), Item(now + 0.45), Item(now + 2.0), Item(now + 2.0)]
+    plan = plan_batch(queue, now, m, 0.0, 16)
+    # three samples take 400 ms: the batch ends by the third's deadline; a fourth would not
+    assert len(plan.batch) == 3 and queue[2] in plan.batch
+
+
+def test_batches_stay_short_enough_for_the_tight_class_and_full_without_it():
+    async def scenario():
+        fake = FakeReplicas(100.0, 50.0, replicas=2, max_batch_size=16)
+        b = EmbodimentBatcher("gr1", fake.send, max_batch_size=16)
+        b.model = fitted(100.0, 50.0)
+        b.set_replicas(2)
+        now = time.time()
+        for i in range(20):  # 4 s of loose robots at 5 samples/s
+            b.pool.note_arrival(4.0, 1, now - 4.0 + i * 0.2)
+        full = b._batch_cap(now, [now], 0.0)
+        for i in range(8):  # and tight ones (1 s budget) at 2 samples/s
+            b.pool.note_arrival(1.0, 1, now - 4.0 + i * 0.5)
+        # reach: (0.9 s - 150 ms alone) / (1 + 0.05 s x 2/s) = 0.68 s; an idle other replica: this batch ends
+        # within it (10 samples = 600 ms); a replica busy for 0.5 s more: within 0.5 + 0.68 s (21 > 16)
+        return full, b._batch_cap(now, [now], 0.0), b._batch_cap(now, [now + 0.5], 0.0), b._steady_batch_size(now, 0.0)
+
+    full, alone, staggered, steady = asyncio.run(scenario())
+    assert full == 16
+    assert alone == 11  # (680 - 100) / 50 = 11.6
+    assert staggered == 16
+    assert steady == 16  # two replicas x 0.68 s: 1.36 s fits 25 samples, capped at max_batch_size
