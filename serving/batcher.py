@@ -55,7 +55,8 @@ from serving.scheduler import (
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
 REACH_MARGIN = 0.1  # of the tight budget: kept free of the reach, for the predictions' error
-OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
+OVERHEAD_FIRST_CAP_MS = 50.0
+STACKED_S = 0.1  # a batch whose forward pass starts this long after it was sent waited behind another  # a Ray call's own cost is a few ms; the first call can include a cold start
 
 
 @dataclass
@@ -141,7 +142,7 @@ class EmbodimentBatcher:
         self._window_start = time.time()
         self._window_samples = 0
         self._last_rate = 0.0
-        self.counts = {"refused_early": 0, "expired": 0, "expired_waiting": 0, "on_time": 0}
+        self.counts = {"refused_early": 0, "expired": 0, "expired_waiting": 0, "on_time": 0, "waited_at_replica": 0}
 
     def start(self) -> None:
         run = self._run_edf if self.scheduler == "edf" else self._run_fifo
@@ -464,6 +465,9 @@ class EmbodimentBatcher:
             self._slots.release()
         finished = time.time()
         self._learn(reply, (finished - started) * 1000.0 if learn_overhead else math.nan)
+        starts = [t["forward_start"] for t in reply.timings if "forward_start" in t]
+        if starts and learn_overhead:  # sent to a replica believed free: did it wait there behind another batch?
+            self.counts["waited_at_replica"] += min(starts) - started > STACKED_S
         # Follow the replica's live user_config (max_batch_size, batch_wait_ms) from the next batch on.
         self.max_batch_size, self.batch_wait_ms = reply.max_batch_size, reply.batch_wait_ms
         for p, outcome, timing in zip(batch, reply.outcomes, reply.timings):

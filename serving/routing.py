@@ -1,12 +1,15 @@
 """Serve request router for the policy deployments: balance samples, not calls.
 
 Serve's default router balances calls, so closed-loop robots answered together come back together and two
-replicas run lopsided batches (one of 14, one of 2). Here each batch goes to the replica with the least
-predicted work: the samples it has in flight times its time per sample, plus its fixed cost per pass. The
-samples in flight are counted by this router itself (exact for its own calls, no lag) and by the replica
-(`record_routing_stats`: every caller's calls, a poll behind); the larger of the two counts. Multiplexed
-model ids are honoured first (Serve's MultiplexMixin: replicas holding the model, then those holding the
-fewest), so per-model handles keep their affinity.
+replicas run lopsided batches (one of 14, one of 2). Here each batch goes to the replica predicted to be
+free first: for the batches this router sent it, each one's pass (fixed cost + samples x time per sample,
+as the replica reports its speed) queued behind the previous from when it was sent. Counting samples
+alone is not enough: a replica that is just finishing a batch (its reply on the way, not yet counted
+back) would look busier than one that started a smaller batch a moment ago, and the next batch would
+wait behind that one. Another caller's calls on a replica this router has nothing on are taken from the
+replica's own report (`record_routing_stats`, a poll behind). Multiplexed model ids are honoured first
+(Serve's MultiplexMixin: replicas holding the model, then those holding the fewest), so per-model
+handles keep their affinity.
 
 Configured per deployment in serve_config.yaml:
     request_router_config:
@@ -16,7 +19,9 @@ Configured per deployment in serve_config.yaml:
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from typing import Any
 
 from ray.serve.request_router import (
@@ -27,6 +32,9 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+
+
+STATS_STALE_S = 1.0  # twice request_routing_stats_period_s: a replica's report may lag a completion this long
 
 
 def batch_samples(pending_request: PendingRequest | None) -> int:
@@ -50,16 +58,33 @@ def predicted_work_ms(samples_in_flight: float, stats: dict[str, Any]) -> float:
 
 class SampleBalancedRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """No FIFOMixin: each routing decision serves the very request it was made for (Serve's default
-    matching by request id), so the samples counted for a replica are the samples sent to it."""
+    matching by request id), so the batches counted for a replica are the batches sent to it."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self._local_samples: dict[ReplicaID, int] = {}
-        self._routed: dict[str, tuple[ReplicaID, int]] = {}
+        self._routed: dict[str, tuple[ReplicaID, int, float]] = {}  # request id -> (replica, samples, sent at)
+        self._completed_at: dict[ReplicaID, float] = {}
 
-    def _work(self, replica: RunningReplica) -> float:
+    def _rank_key(self, replica: RunningReplica) -> tuple[float, float]:
+        """(ms until the replica is predicted free, samples in flight there): least first."""
         stats = replica.routing_stats or {}
-        samples = max(self._local_samples.get(replica.replica_id, 0), float(stats.get("inflight_samples", 0.0)))
-        return predicted_work_ms(samples, stats)
+        mine = sorted((at, n) for rid, n, at in self._routed.values() if rid == replica.replica_id)
+        samples = float(sum(n for _, n in mine))
+        now = time.monotonic()
+        if not mine:
+            # Nothing of ours there: the replica's report counts other callers' work, unless it may still
+            # count ours (a batch of ours completed since the last poll).
+            if now - self._completed_at.get(replica.replica_id, -STATS_STALE_S) < STATS_STALE_S:
+                return 0.0, 0.0
+            others = float(stats.get("inflight_samples", 0.0))
+            return predicted_work_ms(others, stats), others
+        per_sample = float(stats.get("per_sample_ms") or 0.0)
+        fixed = float(stats.get("fixed_ms") or 0.0)
+        if per_sample <= 0 and fixed <= 0:  # speed not reported yet: samples
+            return samples, samples
+        free = -math.inf
+        for at, n in mine:  # passes in the order sent, each after the previous
+            free = max(free, at) + (fixed + per_sample * n) / 1000.0
+        return max(0.0, free - now) * 1000.0, samples
 
     async def choose_replicas(
         self,
@@ -74,28 +99,15 @@ class SampleBalancedRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 return []
         shuffled = list(candidates)
         random.shuffle(shuffled)  # ties (idle replicas) spread at random
-        ranked = sorted(shuffled, key=self._work)
+        ranked = sorted(shuffled, key=self._rank_key)
         if pending_request is not None and ranked:
             # Serve takes the first rank unless that replica is full (max_ongoing_requests): count the batch
             # there now, so the next decision (before any stats poll) already sees it.
-            self._count(pending_request.metadata.internal_request_id, ranked[0].replica_id, batch_samples(pending_request))
+            self._routed[pending_request.metadata.internal_request_id] = (
+                ranked[0].replica_id, batch_samples(pending_request), time.monotonic())
         # One replica per rank, least work first: Serve tries them in this order.
         return [[r] for r in ranked]
 
-    def _count(self, request_id: str, replica_id: ReplicaID, samples: int) -> None:
-        self._uncount(request_id)  # a retried decision moves the count
-        self._routed[request_id] = (replica_id, samples)
-        self._local_samples[replica_id] = self._local_samples.get(replica_id, 0) + samples
-
-    def _uncount(self, request_id: str) -> None:
-        routed = self._routed.pop(request_id, None)
-        if routed is not None:
-            rid, samples = routed
-            left = self._local_samples.get(rid, 0) - samples
-            if left > 0:
-                self._local_samples[rid] = left
-            else:
-                self._local_samples.pop(rid, None)
-
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._uncount(internal_request_id)
+        self._routed.pop(internal_request_id, None)
+        self._completed_at[replica_id] = time.monotonic()

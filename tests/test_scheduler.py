@@ -509,6 +509,19 @@ def test_router_sends_each_batch_to_the_replica_with_the_least_predicted_work():
         router.on_request_completed("a", "r1")  # a's batch answered: a is the least loaded again
         ranked = await router.choose_replicas([a, b], batch("r3", 1))
         assert ranked[0][0].replica_id == "a"
+        # A replica whose batch is due to end now (its reply not counted back yet) goes before one that
+        # started a smaller batch a moment ago: the next batch would wait behind that one.
+        router.on_request_completed("a", "r3")
+        router.on_request_completed("b", "r2")
+        a.routing_stats = b.routing_stats = dict(stats)
+        await router.choose_replicas([a, b], batch("r4", 8))
+        await router.choose_replicas([a, b], batch("r5", 2))
+        first, second = router._routed["r4"][0], router._routed["r5"][0]
+        assert first != second  # both idle: r4 to either, r5 to the other
+        sent_at = time.monotonic() - 0.84  # r4's pass (50 + 8 x 100 ms) ends in 10 ms; r5's in 240 ms
+        router._routed["r4"] = (first, 8, sent_at)
+        ranked = await router.choose_replicas([a, b], batch("r6", 1))
+        assert ranked[0][0].replica_id == first
 
     asyncio.run(main())
 
