@@ -18,8 +18,8 @@ from serving.policy_deployment import PolicyDeployment
 INGRESS_NAME = "ZmqIngress"
 # Per-request access logs cost more than a tiny model's forward pass; serve_config.yaml can turn them on.
 QUIET = {"enable_access_log": False}
-# Batches go to the replica with the least predicted work (samples x time per sample), not the fewest calls;
-# replicas report their samples in flight every half second (serving/routing.py).
+# Batches go to the replica predicted to be free first (its batches' passes at its time per sample), not the
+# one with the fewest calls; replicas report their speed every half second (serving/routing.py).
 SAMPLE_BALANCED = RequestRouterConfig(
     request_router_class="serving.routing:SampleBalancedRouter", request_routing_stats_period_s=0.5
 )

@@ -55,8 +55,8 @@ from serving.scheduler import (
 RETRYABLE = (RayActorError, ActorUnavailableError)
 MAX_BACKOFF_S = 1.0
 REACH_MARGIN = 0.1  # of the tight budget: kept free of the reach, for the predictions' error
-OVERHEAD_FIRST_CAP_MS = 50.0
-STACKED_S = 0.1  # a batch whose forward pass starts this long after it was sent waited behind another  # a Ray call's own cost is a few ms; the first call can include a cold start
+OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
+STACKED_S = 0.1  # a batch whose forward pass starts this long after it was sent waited behind another
 
 
 @dataclass
@@ -66,6 +66,11 @@ class _Pending:
     deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
     seq: int = 0  # arrival order: ties of deadline go oldest first
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Queue order: the tighter deadline class first (its budget to two digits), then the earliest deadline.
+    key: tuple[float, float, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (budget_class(self.deadline - self.received), self.deadline, self.seq)
 
     @property
     def abandoned(self) -> bool:
@@ -75,11 +80,6 @@ class _Pending:
     @property
     def samples(self) -> int:
         return self.request.samples
-
-    @property
-    def key(self) -> tuple[float, float, int]:
-        """Queue order: the tighter deadline class first (its budget to two digits), then the earliest deadline."""
-        return (budget_class(self.deadline - self.received), self.deadline, self.seq)
 
     def __lt__(self, other: "_Pending") -> bool:
         return self.key < other.key

@@ -100,8 +100,9 @@ class IngressConfig(_Strict):
     scheduler: Literal["edf", "fifo"] = Field(
         default="edf",
         description=(
-            "edf: earliest deadline first, batches sized to meet their earliest deadline, requests predicted to "
-            "miss theirs refused at once; fifo: the previous oldest-first micro-batching (for comparison)."
+            "edf: the tighter deadline class first, then the earliest deadline; batches sized to meet their earliest "
+            "deadline (and kept short enough for a tighter class); requests predicted to miss theirs refused at "
+            "once; fifo: the previous oldest-first micro-batching (for comparison)."
         ),
     )
 

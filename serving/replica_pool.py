@@ -136,9 +136,9 @@ class ReplicaPool:
         return self._rates.tightest(now)
 
     def expected_tighter_samples(self, budget_s: float, deadline: float, now: float) -> float:
-        """Samples expected to arrive with tighter deadlines and pass a request of `budget_s` (EDF) before
-        its `deadline`: admission counts them as work ahead, so the loose robots' backlog leaves room for
-        the tight ones instead of ageing into their urgency and crowding them out."""
+        """Samples expected to arrive in a tighter class (they go first) while a request of `budget_s` waits:
+        those that still need a pass before its `deadline` (arrivals until its deadline less their budget).
+        Admission counts them as work ahead, so the loose robots' backlog leaves room for the tight ones."""
         return sum(rate * max(0.0, deadline - budget - now) for budget, rate in self._rates.tighter_than(budget_s, now))
 
     def observe_cold_load(self, ms: float) -> None:
