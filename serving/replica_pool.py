@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from serving.batcher import EmbodimentBatcher
 
 REPLICA_SEEN_S = 10.0
+CLEARLY_TIGHTER = 0.75  # a class is tighter than another when its budget is under this share of the other's
 
 
 class ClassRates:
@@ -54,14 +55,14 @@ class ClassRates:
         (its budget under 3/4 of the loosest); None when there is one class only: then no class is traded
         against another and batches need no cap beyond their own earliest deadline."""
         rates = self.rates(now)
-        if len(rates) < 2:
+        if not rates:
             return None
         tight = min(rates)
-        return tight if tight[0] < 0.75 * max(rates)[0] else None
+        return tight if tight[0] < CLEARLY_TIGHTER * max(rates)[0] else None
 
     def tighter_than(self, budget_s: float, now: float) -> list[tuple[float, float]]:
         """(budget, samples/s) of the classes whose budget is clearly shorter than `budget_s`."""
-        return [(b, r) for b, r in self.rates(now) if b < 0.75 * budget_s]
+        return [(b, r) for b, r in self.rates(now) if b < CLEARLY_TIGHTER * budget_s]
 
 
 class ReplicaPool:

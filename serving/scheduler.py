@@ -55,6 +55,7 @@ class ForwardTimeModel:
 
     def __init__(self, decay: float = 0.95, ridge: float = 0.3, min_observations: int = 3):
         self._ratios: deque[float] = deque(maxlen=TAIL_WINDOW)  # observed / predicted, of the recent passes
+        self._tail = 1.0  # tail_factor, recomputed when a ratio comes in (read on every planned batch)
         self.decay = decay
         self.ridge = ridge
         self.min_observations = min_observations
@@ -85,6 +86,9 @@ class ForwardTimeModel:
             self._streak = 0
             if self.ready:
                 self._ratios.append(ratio)
+                if len(self._ratios) >= TAIL_MIN_OBSERVATIONS:
+                    ordered = sorted(self._ratios)
+                    self._tail = max(1.0, ordered[min(len(ordered) - 1, int(TAIL_QUANTILE * len(ordered)))])
         d = self.decay
         n = float(samples)
         self._s0 = d * self._s0 + 1.0
@@ -123,10 +127,7 @@ class ForwardTimeModel:
         mean, and on a shared CPU one pass in ten runs a third over (another replica's pass, the ingress).
         So the decisions for a request's own batch use the tail; the work queued ahead of it, many passes
         whose errors even out, the mean."""
-        if len(self._ratios) < TAIL_MIN_OBSERVATIONS:
-            return 1.0
-        ordered = sorted(self._ratios)
-        return max(1.0, ordered[min(len(ordered) - 1, int(TAIL_QUANTILE * len(ordered)))])
+        return self._tail
 
     def predict_tail(self, samples: int) -> float | None:
         """Forward ms that `samples` samples stay within but for one pass in ten (see tail_factor)."""
