@@ -12,7 +12,7 @@ STAMP := $(VENV)/.fleetserve-installed
 GR00T_VENV ?= .venv-gr00t
 GR00T_PY := $(GR00T_VENV)/bin/python
 GR00T_STAMP := $(GR00T_VENV)/.fleetserve-installed
-GR00T_PINS := transformers==4.53.0 numpy==1.26.4 msgpack==1.1.0 pyzmq==27.0.1
+GR00T_PINS := transformers==4.51.3 numpy==1.26.4 msgpack==1.1.0 pyzmq==27.0.1
 # Policy, gr00t backend and serving under those pins: a focused subset (one Serve app), not the whole suite.
 GR00T_TESTS := tests/test_model.py tests/test_processor.py tests/test_policy.py tests/test_checkpoint.py \
 	tests/test_gr00t_backend.py tests/test_inference_path.py \

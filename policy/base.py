@@ -89,6 +89,10 @@ class BasePolicy(abc.ABC):
     ) -> list[dict[str, np.ndarray]]:
         """Actions for already validated observations (one forward pass for all of them), one dict per request."""
 
+    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
+        """Checks of a request's options that need the model (e.g. the shape of options.noise); raises
+        PolicyInputError. Runs per request, before the batch's forward pass."""
+
     @property
     def state_dims(self) -> dict[str, int] | None:
         """{state key: D} when known (checked in validation), else None."""
@@ -130,6 +134,7 @@ class BasePolicy(abc.ABC):
                 obs, opts = self._split_request(req, i)
                 opts = validate_options(opts)
                 clean, b = self._prepare_observation(obs)
+                self.check_request_options(opts, b)
                 valid.append((i, clean, opts, b))
             except Exception as exc:  # noqa: BLE001 - isolate the request when asked to
                 if not return_exceptions:

@@ -1,24 +1,16 @@
-"""Checkpoint directory reader and writer helpers (GR00T N1.6 layout).
+"""GR00T checkpoint directories as NVIDIA's N1.6 and N1.7 code writes them, read without NVIDIA's code.
 
-A checkpoint directory holds:
+    config.json               model config (``model_type`` Gr00tN1d6 | Gr00tN1d7); N1.6 stores only the fields
+                              that differ from its defaults
+    model.safetensors         weights (or shards + model.safetensors.index.json), NVIDIA's parameter names
+    processor_config.json     {"processor_class": ..., "processor_kwargs": {"modality_configs": {tag: {video,
+                              state, action, language}}, image settings, normalisation switches, ...}}
+    statistics.json           {tag: {"state"|"action": {key: {min,max,mean,std,q01,q99: [D]}},
+                                     "relative_action": {key: {...: [steps][D]}}}}
+    embodiment_id.json        {tag: row of the per-embodiment layers}
 
-- ``config.json`` + ``model.safetensors`` (or shards + ``model.safetensors.index.json``): the model, written by
-  ``save_pretrained``.
-- ``processor_config.json``::
-
-      {"processor_class": "FleetGr00tProcessor", "format_version": 1,
-       "image_size": S, "max_text_length": L, "use_percentiles": false, "clip_outliers": true,
-       "embodiments": {tag: {"modality_configs": {"video"|"state"|"action"|"language": ModalityConfig.to_json()},
-                             "state_dims": {key: D}, "action_dims": {key: D}}},
-       "fleet_demo": {...}            # only in demo checkpoints: preset, seed, embodiments}
-
-- ``statistics.json``: ``{tag: {"state"|"action"|"relative_action": {key: {"min","max","mean","std","q01","q99":
-  [D floats]}}}}`` (``relative_action`` optional: statistics of RELATIVE action keys, as upstream).
-- ``embodiment_id.json``: ``{tag: index}`` (row of the per-embodiment state encoder / action decoder).
-- tokenizer files: ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``.
-
-Every error names the file it is about, e.g. ``checkpoint /x/statistics.json: missing key 'gr1'`` or
-``not a checkpoint directory: /x (no config.json)``.
+Trainer leftovers (``experiment_cfg/``, ``wandb_config.json``, optimiser states) are ignored. A state or action
+key's dimension is the length of its statistics, as in NVIDIA's processor. Every error names the file.
 """
 
 from __future__ import annotations
@@ -26,11 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.modality import ActionRepresentation, ModalityConfig
+from clients.modality import ModalityConfig
 
 from .embodiment import resolve_tag
 
@@ -40,14 +32,19 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
 STATISTICS_FILE = "statistics.json"
 EMBODIMENT_ID_FILE = "embodiment_id.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 MODALITIES = ("video", "state", "action", "language")
 STAT_KEYS = ("min", "max", "mean", "std", "q01", "q99")
-PROCESSOR_CLASS = "FleetGr00tProcessor"
-FORMAT_VERSION = 1
+N1D6, N1D7 = "Gr00tN1d6", "Gr00tN1d7"
+MODEL_TYPES = (N1D6, N1D7)
+
+# NVIDIA's tag -> projector row mapping, used for tags a checkpoint's embodiment_id.json does not list (as
+# NVIDIA's processor does).
+DEFAULT_EMBODIMENT_IDS: dict[str, dict[str, int]] = {
+    N1D6: {"robocasa_panda_omron": 13, "gr1": 20, "behavior_r1_pro": 24, "unitree_g1": 8, "libero_panda": 2,
+           "oxe_google": 0, "oxe_widowx": 1, "oxe_droid": 16, "new_embodiment": 10},
+    N1D7: {"new_embodiment": 10},
+}
 
 
 class CheckpointError(ValueError):
@@ -58,49 +55,32 @@ def _err(path: Path, msg: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path}: {msg}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# JSON helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file; errors name the file."""
-    path = Path(path)
+def read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _err(path, "file is missing") from None
-    except OSError as exc:
-        raise _err(path, f"cannot read ({exc.strerror or exc})") from None
-    try:
-        return json.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _err(path, f"cannot read ({exc})") from None
     except ValueError as exc:
         raise _err(path, f"not valid JSON ({exc})") from None
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write deterministic JSON (sorted keys are NOT used: key order carries meaning for modality keys)."""
-    path = Path(path)
+def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Parsed view of a checkpoint
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class EmbodimentSpec:
-    """Everything the processor needs about one embodiment of a checkpoint (validated)."""
+    """What one embodiment of a checkpoint needs: its modality configs, dims, statistics and projector row."""
 
     tag: str
     modality_configs: dict[str, ModalityConfig]
     state_dims: dict[str, int]
     action_dims: dict[str, int]
-    statistics: dict[str, dict[str, dict[str, list[float]]]]  # {"state"|"action"|"relative_action": {key: stats}}
+    statistics: dict[str, dict[str, dict[str, list]]]  # {"state"|"action"|"relative_action": {key: stats}}
     embodiment_id: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def video_keys(self) -> list[str]:
@@ -122,53 +102,29 @@ class EmbodimentSpec:
     def action_horizon(self) -> int:
         return len(self.modality_configs["action"].delta_indices)
 
-    def encoded_state_dim(self) -> int:
-        """Width of the concatenated normalised state (sin/cos keys count twice)."""
-        sincos = set(self.modality_configs["state"].sin_cos_embedding_keys or ())
-        return sum(d * (2 if k in sincos else 1) for k, d in self.state_dims.items())
-
-    def total_action_dim(self) -> int:
-        return sum(self.action_dims[k] for k in self.action_keys)
-
 
 @dataclass
 class CheckpointInfo:
-    """The JSON side of a checkpoint directory (the weights are loaded by the model class)."""
+    """The JSON side of a checkpoint directory (the weights are read by the model's loader)."""
 
     path: Path
     config: dict[str, Any]
-    processor_config: dict[str, Any]
+    processor_kwargs: dict[str, Any]
     statistics: dict[str, Any]
     embodiment_ids: dict[str, int]
 
     @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
     def tags(self) -> list[str]:
-        return list(self.processor_config.get("embodiments", {}))
-
-    @property
-    def model_type(self) -> str | None:
-        return self.config.get("model_type")
-
-    @property
-    def image_size(self) -> int:
-        return int(self.processor_config["image_size"])
-
-    @property
-    def max_text_length(self) -> int:
-        return int(self.processor_config.get("max_text_length", 64))
-
-    @property
-    def use_percentiles(self) -> bool:
-        return bool(self.processor_config.get("use_percentiles", False))
-
-    @property
-    def clip_outliers(self) -> bool:
-        return bool(self.processor_config.get("clip_outliers", True))
+        return list(self.processor_kwargs.get("modality_configs", {}))
 
     def embodiment(self, tag: Any) -> EmbodimentSpec:
         """The validated spec of one embodiment; an unknown tag fails listing the checkpoint's tags."""
         canonical = resolve_tag(tag)
-        if canonical not in self.processor_config.get("embodiments", {}):
+        if canonical not in self.processor_kwargs["modality_configs"]:
             raise CheckpointError(
                 f"embodiment tag {canonical!r} is not in checkpoint {self.path}; it holds: "
                 f"{', '.join(sorted(self.tags)) or '(none)'} (from {self.path / PROCESSOR_CONFIG_FILE})"
@@ -176,125 +132,89 @@ class CheckpointInfo:
         return _parse_embodiment(self, canonical)
 
 
-def _is_dim(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+def _stat_values(values: Any, where: str, path: Path) -> tuple[int, int | None]:
+    """(D, steps or None) of a statistics entry: [D] numbers or [steps][D] numbers, all finite."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(values, list) and values and all(finite(v) for v in values):
+        return len(values), None
+    if (isinstance(values, list) and values and all(isinstance(r, list) and r for r in values)
+            and len({len(r) for r in values}) == 1 and all(finite(v) for r in values for v in r)):
+        return len(values[0]), len(values)
+    raise _err(path, f"{where}: expected a list of finite numbers (or a list of such lists), got {str(values)[:60]}")
 
 
 def _parse_embodiment(info: CheckpointInfo, tag: str) -> EmbodimentSpec:
     pc_path = info.path / PROCESSOR_CONFIG_FILE
     st_path = info.path / STATISTICS_FILE
-    id_path = info.path / EMBODIMENT_ID_FILE
-    entry = info.processor_config["embodiments"][tag]
-    where = f"embodiments.{tag}"
-    if not isinstance(entry, dict):
-        raise _err(pc_path, f"{where}: expected a map, got {type(entry).__name__}")
-    raw_mc = entry.get("modality_configs")
-    if not isinstance(raw_mc, dict):
-        raise _err(pc_path, f"{where}.modality_configs: expected a map of video/state/action/language")
+    raw = info.processor_kwargs["modality_configs"][tag]
+    where = f"processor_kwargs.modality_configs.{tag}"
+    if not isinstance(raw, dict):
+        raise _err(pc_path, f"{where}: expected a map of video/state/action/language")
     mcs: dict[str, ModalityConfig] = {}
     for modality in MODALITIES:
-        if modality not in raw_mc:
-            raise _err(pc_path, f"missing key '{where}.modality_configs.{modality}'")
+        if modality not in raw:
+            raise _err(pc_path, f"missing key '{where}.{modality}'")
         try:
-            mcs[modality] = ModalityConfig.from_json(raw_mc[modality], f"{where}.modality_configs.{modality}")
+            mcs[modality] = ModalityConfig.from_json(raw[modality], f"{where}.{modality}")
         except ValueError as exc:
             raise _err(pc_path, str(exc)) from None
-    if len(mcs["language"].delta_indices) != 1 or not mcs["language"].modality_keys:
-        raise _err(pc_path, f"{where}.modality_configs.language: expected >= 1 key and exactly 1 delta index")
+    if len(mcs["language"].delta_indices) != 1 or len(mcs["language"].modality_keys) != 1:
+        raise _err(pc_path, f"{where}.language: expected exactly one key and one delta index (as GR00T reads it)")
     if not mcs["state"].delta_indices or not mcs["action"].delta_indices:
-        raise _err(pc_path, f"{where}.modality_configs: state and action need at least one delta index")
-
-    dims: dict[str, dict[str, int]] = {}
-    for kind in ("state", "action"):
-        raw = entry.get(f"{kind}_dims")
-        if not isinstance(raw, dict):
-            raise _err(pc_path, f"missing key '{where}.{kind}_dims' (a map of {kind} key -> dimension)")
-        out = {}
-        for key in mcs[kind].modality_keys:
-            if key not in raw:
-                raise _err(pc_path, f"missing key '{where}.{kind}_dims.{key}'")
-            if not _is_dim(raw[key]):
-                raise _err(pc_path, f"{where}.{kind}_dims.{key}: expected a positive int, got {raw[key]!r}")
-            out[key] = int(raw[key])
-        dims[kind] = out
-
+        raise _err(pc_path, f"{where}: state and action need at least one delta index")
     acfgs = mcs["action"].action_configs
-    if acfgs is not None:
-        if len(acfgs) != len(mcs["action"].modality_keys):
-            raise _err(
-                pc_path,
-                f"{where}.modality_configs.action: {len(acfgs)} action_configs for "
-                f"{len(mcs['action'].modality_keys)} modality_keys",
-            )
-        for key, ac in zip(mcs["action"].modality_keys, acfgs):
-            if ac.rep == ActionRepresentation.ABSOLUTE:
-                continue
-            skey = ac.state_key or key
-            if skey not in dims["state"]:
-                raise _err(pc_path, f"{where}: action '{key}' is {ac.rep.name} to state '{skey}', not a state key")
-            if dims["state"][skey] != dims["action"][key]:
-                raise _err(
-                    pc_path,
-                    f"{where}: action '{key}' ({dims['action'][key]} dims) is {ac.rep.name} to state '{skey}' "
-                    f"({dims['state'][skey]} dims); the dimensions must agree",
-                )
+    if acfgs is not None and len(acfgs) != len(mcs["action"].modality_keys):
+        raise _err(pc_path, f"{where}.action: {len(acfgs)} action_configs for {len(mcs['action'].modality_keys)} keys")
 
-    # statistics
-    if tag not in info.statistics:
-        raise _err(st_path, f"missing key '{tag}'")
-    tag_stats = info.statistics[tag]
+    tag_stats = info.statistics.get(tag)
     if not isinstance(tag_stats, dict):
-        raise _err(st_path, f"{tag}: expected a map, got {type(tag_stats).__name__}")
-    stats: dict[str, dict[str, dict[str, list[float]]]] = {}
+        raise _err(st_path, f"missing key '{tag}' (statistics of embodiment {tag!r})")
+    stats: dict[str, dict[str, dict[str, list]]] = {}
+    dims: dict[str, dict[str, int]] = {"state": {}, "action": {}}
     for kind in ("state", "action", "relative_action"):
-        if kind not in tag_stats:
+        section = tag_stats.get(kind)
+        if section is None:
             if kind == "relative_action":
                 continue
             raise _err(st_path, f"missing key '{tag}.{kind}'")
-        section = tag_stats[kind]
         if not isinstance(section, dict):
-            raise _err(st_path, f"{tag}.{kind}: expected a map, got {type(section).__name__}")
-        dim_of = dims["state"] if kind == "state" else dims["action"]
-        keys = list(dim_of) if kind != "relative_action" else [k for k in section if k in dim_of]
+            raise _err(st_path, f"{tag}.{kind}: expected a map of key -> statistics")
+        keys = mcs["state" if kind == "state" else "action"].modality_keys
         stats[kind] = {}
-        for key in keys:
-            if key not in section:
+        for key in keys if kind != "relative_action" else [k for k in section if k in keys]:
+            entry = section.get(key)
+            if not isinstance(entry, dict):
                 raise _err(st_path, f"missing key '{tag}.{kind}.{key}'")
-            kst = section[key]
-            if not isinstance(kst, dict):
-                raise _err(st_path, f"{tag}.{kind}.{key}: expected a map of min/max/mean/std/q01/q99")
-            clean = {}
+            shape = None
             for sk in STAT_KEYS:
-                if sk not in kst:
+                if sk not in entry:
                     raise _err(st_path, f"missing key '{tag}.{kind}.{key}.{sk}'")
-                vals = kst[sk]
-                ok = (
-                    isinstance(vals, list)
-                    and len(vals) == dim_of[key]
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
-                )
-                if not ok:
-                    got = f"{len(vals)} values" if isinstance(vals, list) else type(vals).__name__
-                    raise _err(st_path, f"{tag}.{kind}.{key}.{sk}: expected a list of {dim_of[key]} finite numbers, got {got}")
-                clean[sk] = [float(v) for v in vals]
-            stats[kind][key] = clean
+                got = _stat_values(entry[sk], f"{tag}.{kind}.{key}.{sk}", st_path)
+                if shape is not None and got != shape:
+                    def describe(sh: tuple[int, int | None]) -> str:
+                        return f"{sh[0]} values" if sh[1] is None else f"{sh[1]} rows of {sh[0]} values"
 
-    if tag not in info.embodiment_ids:
-        raise _err(id_path, f"missing key '{tag}'")
-    eid = info.embodiment_ids[tag]
+                    raise _err(st_path, f"{tag}.{kind}.{key}.{sk}: {describe(got)}, the other statistics of "
+                                        f"'{key}' have {describe(shape)}")
+                shape = got
+            if kind != "relative_action":
+                if shape[1] is not None:
+                    raise _err(st_path, f"{tag}.{kind}.{key}: expected one value per dimension, got per-step rows")
+                dims[kind][key] = shape[0]
+            elif shape[0] != dims["action"][key]:
+                raise _err(st_path, f"{tag}.relative_action.{key}: {shape[0]} dims, its action has {dims['action'][key]}")
+            stats[kind][key] = {sk: entry[sk] for sk in STAT_KEYS}
+
+    ids = dict(DEFAULT_EMBODIMENT_IDS.get(info.model_type, {}))
+    ids.update(info.embodiment_ids)
+    if tag not in ids:
+        raise _err(info.path / EMBODIMENT_ID_FILE, f"missing key '{tag}' (no projector row for the embodiment)")
+    eid = ids[tag]
     if not isinstance(eid, int) or isinstance(eid, bool) or eid < 0:
-        raise _err(id_path, f"{tag}: expected a non-negative int, got {eid!r}")
-
-    extra = {k: v for k, v in entry.items() if k not in ("modality_configs", "state_dims", "action_dims")}
-    return EmbodimentSpec(
-        tag=tag,
-        modality_configs=mcs,
-        state_dims=dims["state"],
-        action_dims=dims["action"],
-        statistics=stats,
-        embodiment_id=int(eid),
-        extra=extra,
-    )
+        raise _err(info.path / EMBODIMENT_ID_FILE, f"{tag}: expected a non-negative int, got {eid!r}")
+    return EmbodimentSpec(tag, mcs, dims["state"], dims["action"], stats, eid)
 
 
 def check_directory(path: str | os.PathLike) -> Path:
@@ -317,114 +237,47 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     config = read_json(p / CONFIG_FILE)
     if not isinstance(config, dict):
         raise _err(p / CONFIG_FILE, "expected a JSON object")
+    if config.get("model_type") not in MODEL_TYPES:
+        raise _err(
+            p / CONFIG_FILE,
+            f"model_type is {config.get('model_type')!r}; expected one of {', '.join(MODEL_TYPES)} (GR00T N1.6 / N1.7 "
+            "checkpoints as NVIDIA writes them)",
+        )
     pc = read_json(p / PROCESSOR_CONFIG_FILE)
-    if not isinstance(pc, dict):
-        raise _err(p / PROCESSOR_CONFIG_FILE, "expected a JSON object")
-    for key in ("image_size", "embodiments"):
-        if key not in pc:
-            raise _err(p / PROCESSOR_CONFIG_FILE, f"missing key '{key}'")
-    if not _is_dim(pc["image_size"]):
-        raise _err(p / PROCESSOR_CONFIG_FILE, f"image_size: expected a positive int, got {pc['image_size']!r}")
-    if "max_text_length" in pc and not _is_dim(pc["max_text_length"]):
-        raise _err(p / PROCESSOR_CONFIG_FILE, f"max_text_length: expected a positive int, got {pc['max_text_length']!r}")
-    if not isinstance(pc["embodiments"], dict) or not pc["embodiments"]:
-        raise _err(p / PROCESSOR_CONFIG_FILE, "embodiments: expected a non-empty map of tag -> embodiment config")
+    kwargs = pc.get("processor_kwargs") if isinstance(pc, dict) else None
+    if not isinstance(kwargs, dict):
+        raise _err(p / PROCESSOR_CONFIG_FILE, "missing key 'processor_kwargs' (a map)")
+    mcs = kwargs.get("modality_configs")
+    if not isinstance(mcs, dict) or not mcs:
+        raise _err(p / PROCESSOR_CONFIG_FILE, "processor_kwargs.modality_configs: expected a non-empty map of tag -> configs")
     stats = read_json(p / STATISTICS_FILE)
     if not isinstance(stats, dict):
         raise _err(p / STATISTICS_FILE, "expected a JSON object")
-    ids = read_json(p / EMBODIMENT_ID_FILE)
+    ids_path = p / EMBODIMENT_ID_FILE
+    ids = read_json(ids_path) if ids_path.is_file() else {}
     if not isinstance(ids, dict):
-        raise _err(p / EMBODIMENT_ID_FILE, "expected a JSON object")
-    return CheckpointInfo(path=p, config=config, processor_config=pc, statistics=stats, embodiment_ids=ids)
+        raise _err(ids_path, "expected a JSON object")
+    return CheckpointInfo(path=p, config=config, processor_kwargs=kwargs, statistics=stats, embodiment_ids=ids)
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer (a `PreTrainedTokenizerFast`), loaded offline; errors name tokenizer.json."""
-    from transformers import PreTrainedTokenizerFast
-
-    p = Path(path)
-    tok_file = p / TOKENIZER_FILE
-    if not tok_file.is_file():
-        raise _err(tok_file, "file is missing (the checkpoint has no tokenizer)")
-    try:
-        tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - name the file whatever the tokenizer library raised
-        raise _err(tok_file, f"cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
-    if tok.pad_token_id is None:
-        raise _err(p / TOKENIZER_CONFIG_FILE, "the tokenizer has no pad token")
-    tok.padding_side = "right"
-    return tok
+def modality_layout(path: str | os.PathLike, tag: str) -> tuple[list[str], dict[str, Any] | None]:
+    """(the tags a checkpoint holds, the JSON modality configs of ``tag`` or None), from processor_config.json
+    alone: what the serving config checks without torch."""
+    pc = read_json(Path(path) / PROCESSOR_CONFIG_FILE)
+    mcs = pc.get("processor_kwargs", {}).get("modality_configs", {}) if isinstance(pc, dict) else {}
+    if not isinstance(mcs, dict):
+        mcs = {}
+    return sorted(mcs), mcs.get(tag)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def embodiment_entry(
-    modality_configs: dict[str, ModalityConfig],
-    state_dims: dict[str, int],
-    action_dims: dict[str, int],
-    **extra: Any,
-) -> dict[str, Any]:
-    """One value of processor_config.json's ``embodiments`` map."""
-    out = {
-        "modality_configs": {m: modality_configs[m].to_json() for m in MODALITIES},
-        "state_dims": {k: int(v) for k, v in state_dims.items()},
-        "action_dims": {k: int(v) for k, v in action_dims.items()},
-    }
-    out.update(extra)
-    return out
-
-
-def write_processor_config(
-    out_dir: str | os.PathLike,
-    *,
-    image_size: int,
-    max_text_length: int,
-    embodiments: dict[str, dict[str, Any]],
-    use_percentiles: bool = False,
-    clip_outliers: bool = True,
-    **extra: Any,
-) -> Path:
-    data = {
-        "processor_class": PROCESSOR_CLASS,
-        "format_version": FORMAT_VERSION,
-        "image_size": int(image_size),
-        "max_text_length": int(max_text_length),
-        "use_percentiles": bool(use_percentiles),
-        "clip_outliers": bool(clip_outliers),
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "embodiments": embodiments,
-    }
-    data.update(extra)
-    return write_json(Path(out_dir) / PROCESSOR_CONFIG_FILE, data)
-
-
-def write_statistics(out_dir: str | os.PathLike, statistics: dict[str, Any]) -> Path:
-    return write_json(Path(out_dir) / STATISTICS_FILE, statistics)
-
-
-def write_embodiment_ids(out_dir: str | os.PathLike, ids: dict[str, int]) -> Path:
-    return write_json(Path(out_dir) / EMBODIMENT_ID_FILE, {k: int(v) for k, v in ids.items()})
-
-
-def save_tokenizer(out_dir: str | os.PathLike, tokenizer) -> None:
-    """Save a PreTrainedTokenizerFast: tokenizer.json + tokenizer_config.json + special_tokens_map.json.
-
-    transformers 5 no longer writes special_tokens_map.json and names its own class in tokenizer_config.json;
-    we write the map and the portable class name so older transformers (4.x) load the tokenizer too.
-    """
-    out = Path(out_dir)
-    tokenizer.save_pretrained(str(out))
-    cfg_path = out / TOKENIZER_CONFIG_FILE
-    cfg = read_json(cfg_path)
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    write_json(cfg_path, cfg)
-    special = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            special[name] = str(value)
-    write_json(out / SPECIAL_TOKENS_MAP_FILE, special)
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "EmbodimentSpec",
+    "MODEL_TYPES",
+    "check_directory",
+    "modality_layout",
+    "read_checkpoint",
+    "read_json",
+    "write_json",
+]

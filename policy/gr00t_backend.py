@@ -4,10 +4,17 @@ Where the Isaac-GR00T package is installed, real GR00T N1.6 checkpoints serve th
 native model: `get_actions` concatenates the requests along B into ONE observation and makes one upstream
 `get_action` call, then splits the actions back per request.
 
-Seeds: upstream draws its flow-matching noise from torch's global RNG and has no seed option. A request with
-`options["seed"]` therefore runs in its own upstream call under `torch.random.fork_rng()` + `torch.manual_seed`
-(reproducible alone or batched, global RNG state untouched); unseeded requests share one call. Requests whose
+Noise: upstream's action head draws its flow-matching noise with ONE `torch.randn((B, action_horizon,
+max_action_dim))` from torch's global RNG and has no seed option. We hand it the noise instead: the head's module
+sees a `torch` whose `randn` returns the noise this thread has pending for exactly that shape (each request's
+`options["noise"]`, or drawn from a `torch.Generator` seeded with `options["seed"]`, or from os.urandom), and
+torch's own `randn` for anything else. So seeded and unseeded requests share one call, a seed gives the same
+actions alone or batched, and the global RNG is never seeded or read, whatever other threads do. Requests whose
 images differ in size cannot be concatenated into one array and go in one call per size.
+
+Tags: upstream's policy wants a member of its EmbodimentTag enum (it reads `.value`). A tag the enum lacks but
+the checkpoint holds (a fine-tuned robot) is passed as a stand-in with the same `.value` / `.name`; a tag the
+checkpoint does not hold is refused, listing the ones it does.
 
 The package is imported lazily, only when this backend is asked for.
 """
@@ -19,6 +26,8 @@ import enum
 import importlib
 import os
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +35,8 @@ import numpy as np
 
 from clients.modality import ModalityConfig
 
-from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
-from .checkpoint import check_directory, read_json
+from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
+from .checkpoint import PROCESSOR_CONFIG_FILE, CheckpointError, check_directory, read_json
 from .embodiment import resolve_tag
 
 _MODALITIES = ("video", "state", "action", "language")
@@ -82,21 +91,78 @@ def to_modality_config(value: Any, where: str) -> ModalityConfig:
     return ModalityConfig.from_json(data, where)
 
 
-def _upstream_tag(tag_cls: Any, tag: str) -> Any:
-    try:
-        return tag_cls(tag)
-    except Exception:  # noqa: BLE001
-        pass
-    resolve = getattr(tag_cls, "resolve", None)
-    if callable(resolve):
-        try:
-            return resolve(tag)
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        return tag_cls[tag.upper()]
-    except Exception:  # noqa: BLE001
-        return tag  # newer upstream resolves strings itself; older ones fail with their own list of tags
+@dataclasses.dataclass(frozen=True)
+class CustomTag:
+    """Stands in for an upstream EmbodimentTag member for a tag the enum lacks (what upstream reads of it)."""
+
+    value: str
+
+    @property
+    def name(self) -> str:
+        return self.value.upper()
+
+
+def upstream_tag(tag_cls: Any, tag: str, checkpoint_tags: list[str] | None) -> Any:
+    """Upstream's enum member for ``tag``; a CustomTag where the enum lacks it but the checkpoint holds it."""
+    for member in tag_cls:
+        if str(getattr(member, "value", "")).lower() == tag or str(getattr(member, "name", "")).lower() == tag:
+            return member
+    if checkpoint_tags is None or tag in checkpoint_tags:
+        return CustomTag(tag)
+    raise ValueError(
+        f"embodiment tag {tag!r} is not in checkpoint's processor_config.json (it holds: "
+        f"{', '.join(sorted(checkpoint_tags)) or '(none)'}) nor in upstream's EmbodimentTag enum"
+    )
+
+
+class _NoiseInjectingTorch:
+    """What the upstream action head's module sees as ``torch``: torch itself, except that ``randn`` of the
+    shape this thread has noise pending for returns that noise (once)."""
+
+    def __init__(self, torch_module: Any):
+        self._torch = torch_module
+        self._pending = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._torch, name)
+
+    def pend(self, noise: Any) -> None:
+        self._pending.noise = noise
+
+    def take(self) -> Any:
+        noise, self._pending.noise = getattr(self._pending, "noise", None), None
+        return noise
+
+    def randn(self, *args: Any, **kwargs: Any) -> Any:
+        noise = getattr(self._pending, "noise", None)
+        if noise is not None:
+            size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+            if tuple(int(d) for d in size) == tuple(noise.shape):
+                self._pending.noise = None
+                dtype = kwargs.get("dtype") or self._torch.get_default_dtype()
+                return noise.to(device=kwargs.get("device") or "cpu", dtype=dtype)
+        return self._torch.randn(*args, **kwargs)
+
+
+_INJECTORS: dict[str, _NoiseInjectingTorch] = {}
+_INJECTORS_LOCK = threading.Lock()
+
+
+def noise_injector(module_name: str) -> _NoiseInjectingTorch:
+    """The injector installed as ``torch`` in upstream module ``module_name`` (installed once per module)."""
+    import torch
+
+    with _INJECTORS_LOCK:
+        if module_name not in _INJECTORS:
+            module = sys.modules.get(module_name)
+            if module is None or getattr(module, "torch", None) is not torch:
+                raise RuntimeError(
+                    f"cannot hand noise to upstream's action head: module {module_name!r} does not use torch as "
+                    "`torch` (an Isaac-GR00T version this backend does not know)"
+                )
+            _INJECTORS[module_name] = _NoiseInjectingTorch(torch)
+            module.torch = _INJECTORS[module_name]
+        return _INJECTORS[module_name]
 
 
 class Gr00tBackendPolicy(BasePolicy):
@@ -122,9 +188,11 @@ class Gr00tBackendPolicy(BasePolicy):
         hub_id = not local.exists() and re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text) is not None
         self.model_path = text if hub_id else str(check_directory(local))
         self.embodiment_tag = resolve_tag(embodiment_tag)
+        kwargs = self._processor_kwargs()
+        held = list(kwargs.get("modality_configs", {})) if kwargs is not None else None
         self._inner = gr00t_policy_cls(
             model_path=self.model_path,
-            embodiment_tag=_upstream_tag(tag_cls, self.embodiment_tag),
+            embodiment_tag=upstream_tag(tag_cls, self.embodiment_tag, held),
             device=device,
             strict=strict,
         )
@@ -132,6 +200,31 @@ class Gr00tBackendPolicy(BasePolicy):
         self._modality = {m: to_modality_config(raw[m], f"gr00t modality_config.{m}") for m in _MODALITIES}
         self._state_dims = self._find_dims("state")
         self._action_dims = self._find_dims("action")
+        self._image_size = self._model_image_size(kwargs)
+        cfg = getattr(getattr(self._inner, "model", None), "config", None)
+        self.noise_shape = (int(cfg.action_horizon), int(cfg.max_action_dim))
+        self._injector = noise_injector(type(self._inner.model.action_head).__module__)
+        self._lock = threading.Lock()  # one upstream call at a time: its model and processor are not thread-safe
+
+    def _processor_kwargs(self) -> dict[str, Any] | None:
+        path = Path(self.model_path) / PROCESSOR_CONFIG_FILE
+        if not path.is_file():
+            return None  # a hub id: upstream reads it
+        kwargs = read_json(path).get("processor_kwargs")
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"checkpoint {path}: missing key 'processor_kwargs'")
+        return kwargs
+
+    @staticmethod
+    def _model_image_size(kwargs: dict[str, Any] | None) -> list[int]:
+        """What the vision tower sees, from the checkpoint's image settings (N1.6: 252 x 252)."""
+        from .image_transforms import Gr00tImageTransform
+        from .processing_gr00t_n1d6 import eagle_image_size
+
+        if kwargs is None:
+            return [252, 252]
+        img = Gr00tImageTransform.from_processor_kwargs(kwargs, letter_box_default=True)(np.zeros((256, 256, 3), np.uint8))
+        return list(eagle_image_size(img.shape[0], img.shape[1]))
 
     def _find_dims(self, kind: str) -> dict[str, int] | None:
         """State / action dims from upstream's statistics when its processor exposes them."""
@@ -140,12 +233,7 @@ class Gr00tBackendPolicy(BasePolicy):
             sap = self._inner.processor.state_action_processor
             params = sap.norm_params[self.embodiment_tag][kind]
             return {k: int(np.asarray(params[k]["dim"]).item()) for k in keys}
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            stats = self._inner.processor.statistics[self.embodiment_tag][kind]
-            return {k: len(stats[k]["max"]) for k in keys}
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - an upstream version without these tables: shapes checked by upstream
             return None
 
     # ---- BasePolicy ----------------------------------------------------------------------------------------------
@@ -185,18 +273,6 @@ class Gr00tBackendPolicy(BasePolicy):
             model["dtype"] = str(next(inner_model.parameters()).dtype).removeprefix("torch.")
         except Exception:  # noqa: BLE001
             model["dtype"] = "bfloat16"
-        image_size = None
-        proc = getattr(self._inner, "processor", None)
-        for attr in ("image_target_size", "image_size"):
-            v = getattr(proc, attr, None)
-            if isinstance(v, int):
-                image_size = [v, v]
-                break
-            if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
-                image_size = [int(v[0]), int(v[1])]
-                break
-        if image_size is None:
-            image_size = [224, 224]  # upstream does not expose it here; N1.6 resizes any H x W itself
         return {
             "embodiment_tag": self.embodiment_tag,
             "modality_config": {m: mc[m].to_json() for m in _MODALITIES},
@@ -205,17 +281,37 @@ class Gr00tBackendPolicy(BasePolicy):
             "action_horizon": len(mc["action"].delta_indices),
             "video_keys": list(mc["video"].modality_keys),
             "language_keys": list(mc["language"].modality_keys),
-            "image_size": image_size,
+            "image_size": list(self._image_size),
+            "noise_shape": list(self.noise_shape),
             "strict": bool(self.strict),
             "max_batch_per_request": int(self.max_batch_per_request),
             "model": model,
         }
 
     # ---- inference -------------------------------------------------------------------------------------------------
+    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
+        noise = options.get("noise")
+        want = (batch_size, *self.noise_shape)
+        if noise is not None and (not isinstance(noise, np.ndarray) or noise.dtype != np.float32 or noise.shape != want):
+            got = f"{noise.dtype} {noise.shape}" if isinstance(noise, np.ndarray) else type(noise).__name__
+            raise PolicyInputError(
+                f"options.noise: expected float32 array of shape {want} (B, action_horizon, max_action_dim), got {got}"
+            )
+
+    def _noise(self, batch_size: int, options: dict[str, Any]):
+        import torch
+
+        if options.get("noise") is not None:
+            return torch.from_numpy(np.array(options["noise"], dtype=np.float32))
+        seed = options.get("seed")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        return torch.randn((batch_size, *self.noise_shape), generator=gen, dtype=torch.float32)
+
     def _signature(self, obs: dict[str, Any]) -> tuple:
         return tuple(obs["video"][k].shape[1:] for k in self._modality["video"].modality_keys)
 
-    def _call(self, group: list[int], observations: list[dict[str, Any]], seed: int | None) -> dict[str, np.ndarray]:
+    def _call(self, group: list[int], observations: list[dict[str, Any]], noise) -> dict[str, np.ndarray]:
         mc = self._modality
         batch = {
             "video": {k: np.concatenate([observations[i]["video"][k] for i in group]) for k in mc["video"].modality_keys},
@@ -224,33 +320,31 @@ class Gr00tBackendPolicy(BasePolicy):
                 k: [[t] for i in group for t in observations[i]["language"][k]] for k in mc["language"].modality_keys
             },
         }
-        if seed is None:
-            action, _info = self._inner.get_action(batch)
-            return action
-        import torch
-
-        devices = []
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            devices = [torch.device(self.device).index or 0]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            action, _info = self._inner.get_action(batch)
+        with self._lock:
+            self._injector.pend(noise)
+            try:
+                action, _info = self._inner.get_action(batch)
+            finally:
+                unused = self._injector.take()
+        if unused is not None:
+            raise RuntimeError(
+                f"upstream's action head drew no noise of shape {tuple(noise.shape)} through torch.randn; this "
+                "Isaac-GR00T version draws it another way, and the backend cannot hand it its noise"
+            )
         return action
 
     def _infer(
         self, observations: list[dict[str, Any]], options: list[dict[str, Any]], sizes: list[int]
     ) -> list[dict[str, np.ndarray]]:
-        calls: list[tuple[list[int], int | None]] = []
-        unseeded: dict[tuple, list[int]] = {}
-        for i, opts in enumerate(options):
-            if opts.get("seed") is not None:
-                calls.append(([i], int(opts["seed"])))
-            else:
-                unseeded.setdefault(self._signature(observations[i]), []).append(i)
-        calls.extend((g, None) for g in unseeded.values())
+        import torch
+
+        groups: dict[tuple, list[int]] = {}
+        for i, obs in enumerate(observations):
+            groups.setdefault(self._signature(obs), []).append(i)
         out: list[dict[str, np.ndarray] | None] = [None] * len(observations)
-        for group, seed in calls:
-            action = self._call(group, observations, seed)
+        for group in groups.values():
+            noise = torch.cat([self._noise(sizes[i], options[i]) for i in group], dim=0)
+            action = self._call(group, observations, noise)
             start = 0
             for i in group:
                 b = sizes[i]
@@ -259,4 +353,4 @@ class Gr00tBackendPolicy(BasePolicy):
         return out  # type: ignore[return-value]
 
 
-__all__ = ["Gr00tBackendPolicy", "import_gr00t", "to_modality_config"]
+__all__ = ["CustomTag", "Gr00tBackendPolicy", "import_gr00t", "to_modality_config", "upstream_tag"]

@@ -9,9 +9,10 @@ import shutil
 from typing import Any
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
-from .checkpoint import check_directory, read_json
+from .checkpoint import N1D6, check_directory, read_json
 
 BACKENDS = ("native", "gr00t", "auto")
+NATIVE_MODEL_TYPES = (N1D6,)
 logger = logging.getLogger(__name__)
 
 
@@ -83,11 +84,15 @@ def load_policy(
     max_batch_per_request: int = DEFAULT_MAX_BATCH_PER_REQUEST,
     compile: str = "none",
     warmup: bool = True,
+    tokenizer: str | os.PathLike | None = None,
+    backbone_config: str | os.PathLike | None = None,
 ) -> BasePolicy:
-    """Load a policy for one embodiment of a checkpoint.
+    """Load a policy for one embodiment of a GR00T checkpoint (NVIDIA's layout).
 
-    backend: "native" (our fleet_gr00t checkpoints), "gr00t" (NVIDIA's Isaac-GR00T package and its checkpoints)
-    or "auto" (native when config.json says model_type "fleet_gr00t", else gr00t).
+    backend: "native" (our own model code: no Isaac-GR00T needed), "gr00t" (NVIDIA's Isaac-GR00T package, where
+    installed) or "auto" (native for the model types it implements, else gr00t).
+    tokenizer: the backbone's tokenizer folder (NVIDIA's checkpoints do not carry one); backbone_config: an
+    Eagle-style backbone config.json (default: the model_name folder's, else the released backbone's sizes).
     dtype: None = bfloat16 on CUDA, float32 on CPU (native backend; gr00t picks its own).
     compile: "none", "torch_compile" or "cuda_graphs" (native backend; see policy.hot_path).
     warmup: run one dummy forward at B=1 before returning (native backend), so the first request does not pay
@@ -102,13 +107,14 @@ def load_policy(
     if backend == "auto":
         path = check_directory(model_path)
         cfg = read_json(path / "config.json")
-        backend = "native" if isinstance(cfg, dict) and cfg.get("model_type") == "fleet_gr00t" else "gr00t"
+        backend = "native" if isinstance(cfg, dict) and cfg.get("model_type") in NATIVE_MODEL_TYPES else "gr00t"
     if backend == "native":
         from .native import NativePolicy
 
         return NativePolicy(
             model_path, embodiment_tag, device=dev, dtype=dtype, strict=strict,
             max_batch_per_request=max_batch_per_request, compile=compile, warmup=warmup,
+            tokenizer=tokenizer, backbone_config=backbone_config,
         )
     if compile != "none":
         raise ValueError(f"compile {compile!r}: only the native backend compiles (backend='gr00t' runs NVIDIA's policy)")

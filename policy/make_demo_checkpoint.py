@@ -1,31 +1,38 @@
-"""Build a demo checkpoint (random weights, plausible statistics), offline and deterministically.
+"""Demo GR00T N1.6 checkpoints (random weights, plausible statistics), built offline and deterministically.
 
     python -m policy.make_demo_checkpoint OUT_DIR --preset {tiny,small,n16-3b} [--embodiments gr1,unitree_g1]
                                                   [--seed 0] [--force]
 
-Same arguments -> same files, byte for byte (torch.manual_seed before the model is built; statistics from a
-numpy generator seeded from the seed and the tag; the tokenizer from a fixed vocabulary). Nothing is downloaded.
+The files are a GR00T N1.6 checkpoint in NVIDIA's layout (config.json with only the fields that differ from
+N1.6's defaults, model.safetensors with NVIDIA's parameter names, processor_config.json, statistics.json with
+per-step relative-action statistics, embodiment_id.json), so everything that serves a demo checkpoint serves a
+real one the same way. Like an N1.7 checkpoint, ``model_name`` names the backbone folder, ``backbone/``: an
+Eagle-style config.json with the preset's sizes, and a small tokenizer and chat template of our own (no
+download; the special tokens are Eagle's). Same arguments -> same files, byte for byte.
+
+Presets: ``tiny`` (tests: a few-ms forward pass), ``small`` (the CPU demo), ``n16-3b`` (GR00T-N1.6-3B's real
+dimensions: SigLIP2-so400m-sized vision tower, Qwen3-1.7B cut at 16 layers, 32-layer DiT; for GPU figures).
 
 Embodiment layouts:
 
 - ``gr1`` (the N1.6 gr1 tutorial): camera ``ego_view_bg_crop_pad_res256_freq20`` (1 frame); states left_arm 7,
-  right_arm 7, left_hand 6, right_hand 6, waist 3 (1 step); 16-step actions over the same keys (arms and waist
-  RELATIVE to their state, hands ABSOLUTE); language ``annotation.human.task_description``.
-- ``unitree_g1``: cameras ``ego_view`` and ``wrist_view``; states left_leg 6, right_leg 6 (mean/std normalised),
-  waist 3, left_arm 7, right_arm 7, left_hand 7, right_hand 7; 16-step actions over arms (RELATIVE), hands,
-  waist and base_height_command 1 (32 dims: the models' max_action_dim).
+  right_arm 7, left_hand 6, right_hand 6, waist 3; 16-step actions over the same keys (arms and waist RELATIVE
+  to their state, hands ABSOLUTE); language ``annotation.human.task_description``.
+- ``unitree_g1``: cameras ``ego_view`` and ``wrist_view``; states left_leg 6, right_leg 6 (mean/std
+  normalised), waist 3 (sin/cos encoded), left_arm 7, right_arm 7, left_hand 7, right_hand 7; 16-step actions
+  over arms (RELATIVE), hands, waist and base_height_command 1 (mean/std).
 - any other tag: generic, camera ``front_view``, state ``joints`` 7, action ``joints`` 7 (ABSOLUTE).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,26 +42,35 @@ import numpy as np
 from clients.modality import ActionConfig, ActionRepresentation, ActionType, ModalityConfig
 
 from .checkpoint import (
+    DEFAULT_EMBODIMENT_IDS,
+    N1D6,
+    PROCESSOR_CONFIG_FILE,
     CheckpointError,
-    embodiment_entry,
     read_checkpoint,
-    save_tokenizer,
-    write_embodiment_ids,
-    write_processor_config,
-    write_statistics,
+    read_json,
+    write_json,
+)
+from .configuration_gr00t_n1d6 import (
+    N1D6_DIFFUSION_MODEL_CFG,
+    EagleBackboneConfig,
+    Gr00tN1d6Config,
+    Qwen3TextConfig,
+    SiglipVisionConfig,
 )
 from .embodiment import resolve_tag
 
 DEFAULT_EMBODIMENTS = ("gr1", "unitree_g1")
-_SEED_LOCK = threading.Lock()  # torch.manual_seed is process-global: one seeded model build at a time
 PRESETS = ("tiny", "small", "n16-3b")
-MAX_TEXT_LENGTH = 64
 LANGUAGE_KEY = "annotation.human.task_description"
 ACTION_HORIZON = 16
+BACKBONE_DIR = "backbone"
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
-# Task words the demo vocabulary holds whole; anything else is spelt with characters (WordPiece "##" pieces).
+# Eagle's special tokens, at the head of our vocabulary (the ids are ours; backbone/config.json records them).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>", "<img>", "</img>", "[UNK]")
+IMAGE_TOKEN = "<IMG_CONTEXT>"
+# Words the demo vocabulary holds whole; anything else is spelt with characters (WordPiece "##" pieces).
 TASK_WORDS = """
+system you are helpful assistant user image
 a an the this that these those it its to of in on onto into from with without and or then next after before
 until while by at for up down left right top bottom front back side middle center near far above below under
 over inside outside between behind beside around through across along
@@ -66,8 +82,73 @@ fridge microwave oven sink faucet counter table shelf tray basket bin lid jar po
 cloth towel sponge tool handle button switch knob chair bag shoe phone laptop mouse keyboard cable wire paper
 pen pencil marker tape scissors bread egg milk water coffee tea food fruit vegetable object item thing one two
 three red green blue yellow black white gray brown pink purple small large big little tall short long round
-square flat soft hard empty full other same first second last all each both robot gripper arm arms
+square flat soft hard full other same first second last all each both robot gripper arm arms slowly
 """.split()
+
+# Our chat template: Eagle's prompt layout (a default system turn, the text before the images).
+CHAT_TEMPLATE = (
+    "{% set n = namespace(images=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{% set n.images = n.images + 1 %}<image-{{ n.images }}>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    backbone: EagleBackboneConfig
+    model: dict[str, Any]  # Gr00tN1d6Config fields that differ from N1.6's defaults
+    image_edge: int  # processor shortest_image_edge (the square side after GR00T's transform)
+
+
+def _preset(name: str) -> Preset:
+    if name == "tiny":
+        return Preset(
+            EagleBackboneConfig(
+                vision=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                          num_patches=16),
+                text=Qwen3TextConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN), source="tiny demo backbone",
+            ),
+            dict(select_layer=1, backbone_embedding_dim=32, max_state_dim=64, max_action_dim=32, hidden_size=32,
+                 input_embedding_dim=32, max_seq_len=64,
+                 diffusion_model_cfg=dict(N1D6_DIFFUSION_MODEL_CFG, num_layers=2, num_attention_heads=2,
+                                          attention_head_dim=16, output_dim=32)),
+            image_edge=56,
+        )
+    if name == "small":
+        return Preset(
+            EagleBackboneConfig(
+                vision=SiglipVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                          num_attention_heads=6),
+                text=Qwen3TextConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+                image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN), source="small demo backbone",
+            ),
+            dict(select_layer=4, backbone_embedding_dim=512, max_state_dim=64, max_action_dim=32, hidden_size=512,
+                 input_embedding_dim=512, max_seq_len=64,
+                 diffusion_model_cfg=dict(N1D6_DIFFUSION_MODEL_CFG, num_layers=8, num_attention_heads=8,
+                                          attention_head_dim=64, output_dim=512)),
+            image_edge=224,
+        )
+    if name == "n16-3b":  # the released model's sizes; our tokenizer's ids are small, the embedding table is not
+        return Preset(
+            EagleBackboneConfig(image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN), source="n16-3b demo backbone"),
+            dict(max_state_dim=128, max_action_dim=32),
+            image_edge=256,
+        )
+    raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+
+
+def preset_config(name: str) -> tuple[Gr00tN1d6Config, EagleBackboneConfig]:
+    p = _preset(name)
+    return Gr00tN1d6Config.from_checkpoint_dict({"model_type": N1D6, **p.model}, f"preset {name}"), p.backbone
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,8 +157,8 @@ square flat soft hard empty full other same first second last all each both robo
 
 
 def demo_vocabulary(limit: int) -> list[str]:
-    """Fixed vocabulary: special tokens, printable ASCII (lower-case, no space), "##" continuations of letters
-    and digits, then task words while they fit in `limit`."""
+    """Eagle's special tokens, printable ASCII (lower case), "##" continuations of letters and digits, then task
+    words while they fit in ``limit``."""
     vocab: list[str] = list(SPECIAL_TOKENS)
     chars = [chr(c) for c in range(33, 127) if not ("A" <= chr(c) <= "Z")]
     vocab += chars
@@ -94,30 +175,32 @@ def demo_vocabulary(limit: int) -> list[str]:
     return vocab
 
 
-def build_tokenizer(vocab_size_limit: int, max_length: int = MAX_TEXT_LENGTH):
-    """A WordPiece tokenizer (lower-casing, [BOS] text [EOS]) as a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(vocab_size_limit: int):
+    """A WordPiece tokenizer (``tokenizers.Tokenizer``; lower-casing, Eagle's special tokens matched whole)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(demo_vocabulary(vocab_size_limit))}
+    vocab = {tok: i for i, tok in enumerate(demo_vocabulary(min(vocab_size_limit, 4096)))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=64))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]",
-        pair="[BOS] $A [EOS] $B:1 [EOS]:1",
-        special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])],
-    )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        model_max_length=max_length,
-        padding_side="right",
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def write_backbone_folder(out: Path, backbone: EagleBackboneConfig) -> None:
+    """backbone/: the backbone's config.json, our tokenizer and chat template (Eagle folder layout). The
+    tokenizer's config is written by hand in the form transformers 4.x and 5.x both read."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", backbone.to_dict())
+    build_tokenizer(backbone.text.vocab_size).save(str(out / "tokenizer.json"))
+    special = {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "[UNK]",
+               "additional_special_tokens": ["<|im_start|>", IMAGE_TOKEN, "<img>", "</img>"]}
+    write_json(out / "special_tokens_map.json", special)
+    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left",
+                                               "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+                                               **special})
+    write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +221,7 @@ def embodiment_layout(tag: str) -> dict[str, Any]:
     tag = resolve_tag(tag)
     horizon = list(range(ACTION_HORIZON))
     language = ModalityConfig(delta_indices=[0], modality_keys=[LANGUAGE_KEY])
+    action_mean_std = None
     if tag == "gr1":
         state_dims = {"left_arm": 7, "right_arm": 7, "left_hand": 6, "right_hand": 6, "waist": 3}
         action_dims = dict(state_dims)
@@ -145,7 +229,6 @@ def embodiment_layout(tag: str) -> dict[str, Any]:
                 "right_hand": _abs(), "waist": _rel("waist")}
         video = ModalityConfig(delta_indices=[0], modality_keys=["ego_view_bg_crop_pad_res256_freq20"])
         state = ModalityConfig(delta_indices=[0], modality_keys=list(state_dims))
-        action_mean_std = None
     elif tag == "unitree_g1":
         state_dims = {"left_leg": 6, "right_leg": 6, "waist": 3, "left_arm": 7, "right_arm": 7, "left_hand": 7,
                       "right_hand": 7}
@@ -154,7 +237,7 @@ def embodiment_layout(tag: str) -> dict[str, Any]:
         acfg = {"left_arm": _rel("left_arm"), "right_arm": _rel("right_arm"), "left_hand": _abs(),
                 "right_hand": _abs(), "waist": _abs(), "base_height_command": _abs()}
         video = ModalityConfig(delta_indices=[0], modality_keys=["ego_view", "wrist_view"])
-        state = ModalityConfig(delta_indices=[0], modality_keys=list(state_dims),
+        state = ModalityConfig(delta_indices=[0], modality_keys=list(state_dims), sin_cos_embedding_keys=["waist"],
                                mean_std_embedding_keys=["left_leg", "right_leg"])
         action_mean_std = ["base_height_command"]
     else:
@@ -163,54 +246,37 @@ def embodiment_layout(tag: str) -> dict[str, Any]:
         acfg = {"joints": _abs()}
         video = ModalityConfig(delta_indices=[0], modality_keys=["front_view"])
         state = ModalityConfig(delta_indices=[0], modality_keys=["joints"])
-        action_mean_std = None
-    action = ModalityConfig(
-        delta_indices=horizon,
-        modality_keys=list(action_dims),
-        mean_std_embedding_keys=action_mean_std,
-        action_configs=[acfg[k] for k in action_dims],
-    )
-    return {
-        "modality_configs": {"video": video, "state": state, "action": action, "language": language},
-        "state_dims": state_dims,
-        "action_dims": action_dims,
-    }
+    action = ModalityConfig(delta_indices=horizon, modality_keys=list(action_dims),
+                            mean_std_embedding_keys=action_mean_std, action_configs=[acfg[k] for k in action_dims])
+    return {"modality_configs": {"video": video, "state": state, "action": action, "language": language},
+            "state_dims": state_dims, "action_dims": action_dims}
 
 
 def _range_for(key: str, rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray]:
     if key.endswith("hand"):
-        lo = rng.uniform(0.0, 0.1, d)
-        hi = rng.uniform(1.2, 1.7, d)
-    elif key.endswith("arm") or key == "joints":
-        lo = rng.uniform(-3.1, -1.0, d)
-        hi = rng.uniform(1.0, 3.1, d)
-    elif key.endswith("leg"):
-        lo = rng.uniform(-2.5, -0.8, d)
-        hi = rng.uniform(0.8, 2.5, d)
-    elif key == "base_height_command":
-        lo = rng.uniform(0.55, 0.6, d)
-        hi = rng.uniform(0.75, 0.8, d)
-    else:  # waist and anything else
-        lo = rng.uniform(-1.0, -0.3, d)
-        hi = rng.uniform(0.3, 1.0, d)
-    return lo, hi
+        return rng.uniform(0.0, 0.1, d), rng.uniform(1.2, 1.7, d)
+    if key.endswith("arm") or key == "joints":
+        return rng.uniform(-3.1, -1.0, d), rng.uniform(1.0, 3.1, d)
+    if key.endswith("leg"):
+        return rng.uniform(-2.5, -0.8, d), rng.uniform(0.8, 2.5, d)
+    if key == "base_height_command":
+        return rng.uniform(0.55, 0.6, d), rng.uniform(0.75, 0.8, d)
+    return rng.uniform(-1.0, -0.3, d), rng.uniform(0.3, 1.0, d)  # waist and anything else
 
 
-def _stats(lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> dict[str, list[float]]:
+def _stats(lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> dict[str, list]:
     span = hi - lo
     mean = (lo + hi) / 2 + rng.uniform(-0.1, 0.1, lo.shape) * span
     std = span / rng.uniform(4.0, 8.0, lo.shape)
     q01 = lo + rng.uniform(0.005, 0.03, lo.shape) * span
     q99 = hi - rng.uniform(0.005, 0.03, lo.shape) * span
-
-    def r(a: np.ndarray) -> list[float]:
-        return [round(float(v), 6) for v in a]
-
-    return {"min": r(lo), "max": r(hi), "mean": r(mean), "std": r(std), "q01": r(q01), "q99": r(q99)}
+    return {name: np.round(v, 6).tolist() for name, v in
+            (("min", lo), ("max", hi), ("mean", mean), ("std", std), ("q01", q01), ("q99", q99))}
 
 
 def embodiment_statistics(tag: str, layout: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """Deterministic plausible statistics: joint ranges in radians, hands 0..1.7, relative actions +-0.1..0.4."""
+    """Deterministic plausible statistics: joint ranges in radians, hands 0..1.7; relative actions per step,
+    widening with the step (+-0.05..0.4 rad)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(tag.encode())])
     state: dict[str, Any] = {}
     ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -223,12 +289,69 @@ def embodiment_statistics(tag: str, layout: dict[str, Any], seed: int = 0) -> di
     for (key, d), ac in zip(layout["action_dims"].items(), acfgs):
         lo, hi = ranges[key] if key in ranges else _range_for(key, rng, d)
         action[key] = _stats(lo, hi, rng)
-        if ac.rep != ActionRepresentation.ABSOLUTE:
-            relative[key] = _stats(-rng.uniform(0.1, 0.4, d), rng.uniform(0.1, 0.4, d), rng)
+        if ac.rep == ActionRepresentation.RELATIVE:
+            grow = np.linspace(0.05, 0.4, ACTION_HORIZON)[:, None] * rng.uniform(0.5, 1.0, d)
+            relative[key] = _stats(-grow, grow, rng)
     out = {"state": state, "action": action}
     if relative:
         out["relative_action"] = relative
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def demo_dtype(preset: str):
+    """The dtype a demo checkpoint stores: bf16 for the 3B model (halves the file), fp32 for tiny / small."""
+    import torch
+
+    return torch.bfloat16 if preset == "n16-3b" else torch.float32
+
+
+def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None):
+    """A demo model with seeded random weights, drawn directly in ``dtype`` (default :func:`demo_dtype`) on
+    ``device`` (default the CPU): never a float32 copy first (12 GB at n16-3b). Same arguments, same weights.
+
+    Variance-preserving draws (linear weights N(0, 1/fan_in), embeddings N(0, 1), norms 1, biases 0) so that a
+    random model's actions depend on its inputs at every depth."""
+    import torch
+    from torch import nn
+
+    from .modeling_gr00t_n1d6 import Gr00tN1d6
+
+    config, backbone = preset_config(preset)
+    dtype = demo_dtype(preset) if dtype is None else dtype
+    device = torch.device("cpu" if device is None else device)
+    with torch.device("meta"):
+        model = Gr00tN1d6(config, backbone)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    for name, param in list(model.named_parameters()):
+        leaf = name.rsplit(".", 1)[-1]
+        data = torch.empty(param.shape, dtype=dtype, device=device)
+        if leaf in ("bias", "b"):
+            data.zero_()
+        elif param.dim() == 1:  # LayerNorm / RMSNorm scales
+            data.fill_(1.0)
+        elif "embed_tokens" in name or "position_embedding" in name:
+            data.normal_(0.0, 1.0, generator=gen)
+        else:
+            fan_in = param.shape[-2] if leaf == "W" else param.shape[-1]
+            if name.endswith("patch_embedding.weight"):
+                fan_in = param.shape[1]
+            data.normal_(0.0, fan_in**-0.5, generator=gen)
+        owner, _, _ = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(data, requires_grad=False)
+    return model.eval()
+
+
+def save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,81 +372,61 @@ def _normalise_embodiments(embodiments: Iterable[str] | str) -> list[str]:
     return tags
 
 
-def demo_dtype(preset: str):
-    """The dtype a demo checkpoint stores: bf16 for the 3B model (halves the file), fp32 for tiny / small."""
-    import torch
-
-    return torch.bfloat16 if preset == "n16-3b" else torch.float32
-
-
-def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None, config=None):
-    """A demo model with seeded random weights, created directly in ``dtype`` (default: :func:`demo_dtype`) on
-    ``device`` (default: the CPU). Never a float32 copy first: that is 12 GB for n16-3b. The same (preset,
-    seed, dtype, device) gives the same weights; the CPU build is what checkpoints store (device-independent)."""
-    import torch
-
-    from .configuration import FleetGr00tConfig
-    from .modeling import FleetGr00tModel
-
-    config = config if config is not None else FleetGr00tConfig.from_preset(preset)
-    dtype = demo_dtype(preset) if dtype is None else dtype
-    device = torch.device("cpu" if device is None else device)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    # torch's seed and default dtype are process-global: one seeded build at a time, both restored after
-    with _SEED_LOCK, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with device:
-                model = FleetGr00tModel(config)
-        finally:
-            torch.set_default_dtype(previous)
-    return model.eval()
+def embodiment_ids(tags: Sequence[str], slots: int) -> dict[str, int]:
+    """NVIDIA's rows for the tags it knows, the lowest free rows for the others."""
+    known = DEFAULT_EMBODIMENT_IDS[N1D6]
+    ids = {t: known[t] for t in tags if t in known}
+    free = (i for i in range(slots) if i not in set(known.values()) | set(ids.values()))
+    for t in tags:
+        if t not in ids:
+            ids[t] = next(free)
+    return ids
 
 
-def write_demo_checkpoint(
-    out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int, *, model=None
-) -> Path:
-    """Write all files of a demo checkpoint into `out_dir` (an existing, empty directory). `model`: weights
+def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int, *,
+                          model=None) -> Path:
+    """Write every file of a demo checkpoint into ``out_dir`` (an existing, empty directory). ``model``: weights
     already built (e.g. by :func:`build_demo_model` on a GPU); default: built here, on the CPU."""
-    from .configuration import FleetGr00tConfig
-
     out = Path(out_dir)
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
-    config = FleetGr00tConfig.from_preset(preset)
+    p = _preset(preset)
+    config, backbone = preset_config(preset)
     if len(embodiments) > config.max_num_embodiments:
         raise ValueError(f"{len(embodiments)} embodiments, the model has {config.max_num_embodiments} slots")
-
-    entries: dict[str, Any] = {}
+    modality_configs: dict[str, Any] = {}
     statistics: dict[str, Any] = {}
     for tag in embodiments:
         layout = embodiment_layout(tag)
-        entries[tag] = embodiment_entry(layout["modality_configs"], layout["state_dims"], layout["action_dims"])
+        modality_configs[tag] = {m: mc.to_json() for m, mc in layout["modality_configs"].items()}
         statistics[tag] = embodiment_statistics(tag, layout, seed)
         n_action = sum(layout["action_dims"].values())
         if n_action > config.max_action_dim:
             raise ValueError(f"{tag}: {n_action} action dims > the {preset} model's max_action_dim {config.max_action_dim}")
-
     if model is None:
-        model = build_demo_model(preset, seed=seed, config=config)
-    model.save_pretrained(str(out))
+        model = build_demo_model(preset, seed=seed)
+    save_weights(model, out / "model.safetensors")
     del model
-
-    write_processor_config(
-        out,
-        image_size=config.image_size,
-        max_text_length=MAX_TEXT_LENGTH,
-        embodiments=entries,
-        use_percentiles=False,
-        clip_outliers=True,
-        fleet_demo={"preset": preset, "seed": int(seed), "embodiments": list(embodiments),
-                    "generator": "policy.make_demo_checkpoint"},
-    )
-    write_statistics(out, statistics)
-    write_embodiment_ids(out, {tag: i for i, tag in enumerate(embodiments)})
-    save_tokenizer(out, build_tokenizer(config.llm_config.vocab_size, MAX_TEXT_LENGTH))
+    write_json(out / "config.json", {
+        "architectures": [N1D6], "model_type": N1D6, "model_name": BACKBONE_DIR, **p.model,
+        "apply_sincos_state_encoding": True, "use_relative_action": True,
+        "fleet_demo": {"preset": preset, "seed": int(seed), "embodiments": list(embodiments),
+                       "generator": "policy.make_demo_checkpoint"},
+    })
+    write_json(out / PROCESSOR_CONFIG_FILE, {
+        "processor_class": "Gr00tN1d6Processor",
+        "processor_kwargs": {
+            "modality_configs": modality_configs,
+            "image_crop_size": None, "image_target_size": None, "use_albumentations": True,
+            "random_rotation_angle": None, "color_jitter_params": None,
+            "shortest_image_edge": p.image_edge, "crop_fraction": 0.95,
+            "model_name": BACKBONE_DIR, "model_type": "eagle", "formalize_language": True,
+            "max_state_dim": config.max_state_dim, "max_action_dim": config.max_action_dim,
+            "max_action_horizon": config.action_horizon, "use_percentiles": False, "clip_outliers": True,
+            "apply_sincos_state_encoding": True, "use_relative_action": True,
+        },
+    })
+    write_json(out / "statistics.json", statistics)
+    write_json(out / "embodiment_id.json", embodiment_ids(embodiments, config.max_num_embodiments))
+    write_backbone_folder(out / BACKBONE_DIR, backbone)
     return out
 
 
@@ -348,26 +451,23 @@ def _publishable(path: Path) -> None:
 
 def _check_existing(out: Path, preset: str, tags: Sequence[str]) -> Path:
     info = read_checkpoint(out)
-    demo = info.processor_config.get("fleet_demo")
+    demo = info.config.get("fleet_demo")
     if isinstance(demo, dict) and demo.get("preset") not in (None, preset):
         raise CheckpointError(
-            f"checkpoint {out / 'processor_config.json'}: a demo checkpoint of preset {demo.get('preset')!r} is "
-            f"already there, {preset!r} was asked for (remove the directory or choose another)"
+            f"checkpoint {out / 'config.json'}: a demo checkpoint of preset {demo.get('preset')!r} is already there, "
+            f"{preset!r} was asked for (remove the directory or choose another)"
         )
     for tag in tags:
         info.embodiment(tag)  # raises, listing the tags it holds
     return out
 
 
-def build_demo_checkpoint(
-    out_dir: str | os.PathLike,
-    preset: str = "tiny",
-    embodiments: Iterable[str] | str = DEFAULT_EMBODIMENTS,
-    seed: int = 0,
-) -> Path:
-    """Build a demo checkpoint at `out_dir` (replacing what is there). Atomic: built in a temporary directory
+def build_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
+                          embodiments: Iterable[str] | str = DEFAULT_EMBODIMENTS, seed: int = 0) -> Path:
+    """Build a demo checkpoint at ``out_dir`` (replacing what is there). Atomic: built in a temporary directory
     beside it, then renamed into place."""
     tags = _normalise_embodiments(embodiments)
+    _preset(preset)
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -383,21 +483,17 @@ def build_demo_checkpoint(
     return out
 
 
-def ensure_demo_checkpoint(
-    out_dir: str | os.PathLike,
-    preset: str = "tiny",
-    embodiments: Iterable[str] | str = DEFAULT_EMBODIMENTS,
-    seed: int = 0,
-) -> Path:
-    """The demo checkpoint at `out_dir`, built only if missing. Safe when several processes race: each builds
-    into its own temporary directory beside `out_dir` and renames it into place; a loser of the race removes
+def ensure_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
+                           embodiments: Iterable[str] | str = DEFAULT_EMBODIMENTS, seed: int = 0) -> Path:
+    """The demo checkpoint at ``out_dir``, built only if missing. Safe when several processes race: each builds
+    into its own temporary directory beside ``out_dir`` and renames it into place; a loser of the race removes
     its copy and uses the winner's. An existing checkpoint must hold the embodiments (and preset) asked for."""
     tags = _normalise_embodiments(embodiments)
     out = Path(out_dir).expanduser().absolute()
     if (out / "config.json").exists():
         return _check_existing(out, preset, tags)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Replicas starting together wait for the first one's build instead of each building a copy (an n16-3b
+    # Callers starting together wait for the first one's build instead of each building a copy (an n16-3b
     # build is minutes and gigabytes); the rename below stays the guarantee where flock does not hold (NFS).
     lock_path = out.parent / f".{out.name}.lock"
     with open(lock_path, "a+") as lock:
@@ -420,10 +516,7 @@ def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:
     if (out / "config.json").exists():
         return _check_existing(out, preset, tags)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if (out / "config.json").exists():  # another process renamed its build in since the check above
-            return _check_existing(out, preset, tags)
         raise CheckpointError(f"not a checkpoint directory: {out} (exists, not empty, no config.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_demo_checkpoint(tmp, preset, tags, seed)
@@ -448,7 +541,8 @@ def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m policy.make_demo_checkpoint",
-        description="Build a demo checkpoint with random weights and plausible statistics (offline, deterministic).",
+        description="Build a GR00T N1.6 demo checkpoint with random weights and plausible statistics "
+                    "(offline, deterministic).",
     )
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--preset", choices=PRESETS, default="tiny")

@@ -1,22 +1,26 @@
-"""NativePolicy: our own GR00T-N1.6-shaped model (policy.modeling) behind the BasePolicy interface.
+"""NativePolicy: a GR00T checkpoint as NVIDIA writes it, run by our own model code, behind BasePolicy.
 
-One `get_actions` call = one preprocess (all requests' samples together), one `model.get_action`, one decode,
-then the actions are split back per request. Flow-matching noise is drawn per request on the CPU in float32 (a
-`torch.Generator` seeded with the request's `options["seed"]`, or from os.urandom without one), so a seed gives
-the same noise on every device and dtype, and a seeded request the same actions alone or batched with others.
+One ``get_actions`` call = one pre-processing of all requests' samples together, one forward pass, one
+decoding, then the actions are split back per request.
 
-Precision: the weights and activations run in the policy's dtype; the noise, the Euler integration and the
-decoding to physical units stay in float32. How close a request computed alone comes to the same request in a
-batch (``BATCH_INVARIANCE_ATOL``, on normalised actions, whose range is about [-1, 1]): float32 1e-5; bfloat16
-and float16 5e-2 -- matmul kernels pick other blockings for other batch sizes, and in 16-bit floats that
-rounding difference (about 4e-3 per op) compounds through the backbone and the Euler steps. Checked on the CPU
-by tests/test_inference_path.py; on a GPU bf16 is expected near 1e-2, and bench/gpu_check.py measures it.
+Initial noise: ``options["noise"]`` when a request carries it (float32 (B, action_horizon, max_action_dim), as
+NVIDIA's head draws it: the reply is then deterministic and comparable with any implementation); else drawn on
+the CPU in float32 from a ``torch.Generator`` seeded with ``options["seed"]`` (from os.urandom without one), so
+a seed gives the same noise on every device and dtype, alone or batched, and no global RNG is touched.
+
+Precision: weights and activations in the policy's dtype; the noise, the Euler integration and the decoding
+in float32. How close a request computed alone comes to the same request in a batch
+(``BATCH_INVARIANCE_ATOL``, on normalised actions, range about [-1, 1]): float32 1e-5; bfloat16 and float16
+5e-2 (other batch sizes pick other matmul blockings, and 16-bit rounding compounds through the backbone and
+the Euler steps). Checked on the CPU by the tests; bench/gpu_check.py measures it on a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,35 +28,21 @@ import torch
 
 from clients.modality import ModalityConfig
 
-from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
-from .checkpoint import CheckpointError, read_checkpoint
+from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
+from .checkpoint import N1D6, CheckpointError, CheckpointInfo, read_checkpoint
 from .embodiment import resolve_tag
 from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward, pad_rows
-from .processor import Processor
+from .tokenization import TOKENIZER_HINT, has_tokenizer, load_chat_template, load_tokenizer
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
-
 BATCH_INVARIANCE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-2}
-
-
-def _from_pretrained_dtype_kwarg() -> str:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # `dtype` replaced `torch_dtype` in 4.56
-
-
-_DTYPE_KWARG = _from_pretrained_dtype_kwarg()
+# Prompt lengths are rounded up to this under compiled execution: few shapes, few compilations.
+COMPILED_TEXT_MULTIPLE = 64
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -68,8 +58,61 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     raise ValueError(f"dtype: expected one of float32, bfloat16, float16 (or a torch.dtype), got {dtype!r}")
 
 
+def backbone_folder(info: CheckpointInfo) -> Path | None:
+    """The folder ``model_name`` points at, when it is a local directory (absolute, or relative to the
+    checkpoint): N1.7 checkpoints and our demo checkpoints name their backbone / tokenizer folder that way."""
+    name = info.config.get("model_name", info.processor_kwargs.get("model_name"))
+    if not isinstance(name, str) or not name:
+        return None
+    p = Path(name).expanduser()
+    if not p.is_absolute():
+        p = info.path / p
+    return p if p.is_dir() else None
+
+
+@dataclass
+class BackboneSources:
+    """Where a checkpoint's backbone dimensions and tokenizer come from."""
+
+    config_file: Path | None  # None: the generation's built-in dimensions
+    tokenizer_dir: Path | None  # None: a tokenizer object was handed in
+    tokenizer: Any = None
+
+    def load_tokenizer(self) -> tuple[Any, str | None]:
+        """(the tokenizer, its chat template or None)."""
+        if self.tokenizer_dir is None:
+            template = getattr(self.tokenizer, "chat_template", None)
+            return self.tokenizer, template if isinstance(template, str) else None
+        return load_tokenizer(self.tokenizer_dir), load_chat_template(self.tokenizer_dir)
+
+    @classmethod
+    def resolve(cls, info: CheckpointInfo, tokenizer: Any, backbone_config: str | os.PathLike | None) -> "BackboneSources":
+        folder = backbone_folder(info)
+        if backbone_config is not None:
+            config_file = Path(backbone_config).expanduser()
+            if config_file.is_dir():
+                config_file = config_file / "config.json"
+            if not config_file.is_file():
+                raise CheckpointError(f"backbone_config {config_file}: file not found")
+        elif folder is not None and (folder / "config.json").is_file():
+            config_file = folder / "config.json"
+        else:
+            config_file = None
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            return cls(config_file, None, tokenizer)  # a loaded tokenizer (duck-typed: __call__, convert_tokens_to_ids)
+        if tokenizer is not None:
+            tok = Path(tokenizer).expanduser()
+        elif folder is not None and has_tokenizer(folder):
+            tok = folder
+        else:
+            raise CheckpointError(
+                f"checkpoint {info.path}: GR00T checkpoints do not carry their tokenizer; {TOKENIZER_HINT}"
+            )
+        return cls(config_file, tok)
+
+
 class NativePolicy(BasePolicy):
-    """A checkpoint of ours (model_type "fleet_gr00t") for one embodiment tag."""
+    """One embodiment of a GR00T N1.6 checkpoint (NVIDIA's layout), on our own model code."""
 
     backend = "native"
 
@@ -85,6 +128,8 @@ class NativePolicy(BasePolicy):
         compile: str = "none",
         batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
         warmup: bool = True,
+        tokenizer: Any = None,
+        backbone_config: str | os.PathLike | None = None,
     ):
         t0 = time.perf_counter()
         self.strict = bool(strict)
@@ -96,63 +141,47 @@ class NativePolicy(BasePolicy):
         info = read_checkpoint(model_path)
         self.checkpoint = info
         self.model_path = str(info.path)
-        cfg_path = info.path / "config.json"
-        if info.model_type != "fleet_gr00t":
-            raise CheckpointError(
-                f"checkpoint {cfg_path}: model_type is {info.model_type!r}, the native backend loads 'fleet_gr00t' "
-                f"checkpoints (use backend='gr00t' for NVIDIA GR00T checkpoints)"
-            )
         self.embodiment_tag = resolve_tag(embodiment_tag)
         self.spec = info.embodiment(self.embodiment_tag)  # unknown tag -> error listing the checkpoint's tags
-
-        from .modeling import FleetGr00tModel  # registers the model with AutoConfig / AutoModel
-
-        try:
-            model = FleetGr00tModel.from_pretrained(str(info.path), **{_DTYPE_KWARG: self.dtype})
-        except Exception as exc:  # noqa: BLE001 - name the files whatever transformers raised
+        self.sources = BackboneSources.resolve(info, tokenizer, backbone_config)
+        if info.model_type != N1D6:
             raise CheckpointError(
-                f"checkpoint {info.path / 'model.safetensors'}: cannot load the model ({type(exc).__name__}: {exc})"
-            ) from exc
-        model.eval()
-        # Device only: from_pretrained already gave the weights their dtype, and a second .to(dtype) would also
-        # round the float32 RoPE frequency buffers (inv_freq) to bf16 -- ~0.2 rad of angle error at position 192.
-        model.to(device=self.device)
-        self.model = model
-        # the constant per-step embeddings, computed eagerly before any compiled graph could trace their cache
-        model.action_head.step_embeddings(model.config.num_inference_timesteps, self.dtype)
-        self._forward = compiled_forward(model, self.compile)
-        cfg = model.config
-        if self.spec.embodiment_id >= cfg.max_num_embodiments:
-            raise CheckpointError(
-                f"checkpoint {info.path / 'embodiment_id.json'}: {self.embodiment_tag} has id {self.spec.embodiment_id}, "
-                f"the model has {cfg.max_num_embodiments} embodiment slots"
+                f"checkpoint {info.path / 'config.json'}: model_type {info.model_type!r} is not served natively yet"
             )
-        if info.image_size != cfg.image_size:
+        self.model, self.processor = self._load_n1d6(info)
+        if self.spec.embodiment_id >= self.model.config.max_num_embodiments:
             raise CheckpointError(
-                f"checkpoint {info.path / 'processor_config.json'}: image_size {info.image_size} != the model's "
-                f"image_size {cfg.image_size} ({cfg_path})"
+                f"checkpoint {info.path / 'embodiment_id.json'}: {self.embodiment_tag} has projector row "
+                f"{self.spec.embodiment_id}, the model has {self.model.config.max_num_embodiments}"
             )
-        from .checkpoint import load_tokenizer
-
-        tokenizer = load_tokenizer(info.path)
-        if len(tokenizer) > cfg.llm_config.vocab_size:
-            raise CheckpointError(
-                f"checkpoint {info.path / 'tokenizer.json'}: {len(tokenizer)} tokens, more than the model's vocabulary "
-                f"of {cfg.llm_config.vocab_size}"
-            )
-        self.processor = Processor.from_checkpoint(
-            info,
-            self.embodiment_tag,
-            tokenizer=tokenizer,
-            max_state_dim=cfg.max_state_dim,
-            max_action_dim=cfg.max_action_dim,
-            model_action_horizon=cfg.action_horizon,
-        )
-        self._parameters = int(sum(p.numel() for p in model.parameters()))
+        cfg = self.model.config
+        self.noise_shape = (cfg.action_horizon, cfg.max_action_dim)
+        self._forward = compiled_forward(self.model, self.compile)
+        self._parameters = int(sum(p.numel() for p in self.model.parameters()))
         self.warmup_seconds: float | None = None
         if warmup:
             self.warmup()
         self.load_seconds = time.perf_counter() - t0
+
+    def _load_n1d6(self, info: CheckpointInfo):
+        from .configuration_gr00t_n1d6 import ConfigError, EagleBackboneConfig, Gr00tN1d6Config
+        from .modeling_gr00t_n1d6 import load_model
+        from .processing_gr00t_n1d6 import Gr00tN1d6Processor
+
+        try:
+            config = Gr00tN1d6Config.from_checkpoint_dict(info.config, str(info.path / "config.json"))
+            src = self.sources.config_file
+            backbone = EagleBackboneConfig.from_file(src) if src is not None else EagleBackboneConfig()
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        try:
+            model = load_model(info.path, config, backbone, dtype=self.dtype, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
+            raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+        tokenizer, template = self.sources.load_tokenizer()
+        processor = Gr00tN1d6Processor(self.spec, info.processor_kwargs, config, backbone, tokenizer, template,
+                                       where=str(info.path / "processor_config.json"))
+        return model, processor
 
     def set_compile(self, mode: str, batch_buckets: tuple[int, ...] | None = None) -> None:
         """Switch the execution mode (see policy.hot_path) without reloading the weights."""
@@ -186,65 +215,88 @@ class NativePolicy(BasePolicy):
 
     def describe(self) -> dict[str, Any]:
         mc = self.spec.modality_configs
+        cfg = self.model.config
         model: dict[str, Any] = {
             "backend": self.backend,
             "path": self.model_path,
-            "model_type": str(self.model.config.model_type),
+            "model_type": self.checkpoint.model_type,
             "parameters": self._parameters,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "embodiment_id": int(self.spec.embodiment_id),
             "compile": self.compile,
+            "backbone_config": str(self.sources.config_file or self.model.backbone_config.source),
+            "tokenizer": str(self.sources.tokenizer_dir or type(self.sources.tokenizer).__name__),
             "load_seconds": round(float(getattr(self, "load_seconds", 0.0)), 3),
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
         }
         if self.device.type == "cuda":
             model["device_name"] = torch.cuda.get_device_name(self.device)
-        demo = self.checkpoint.processor_config.get("fleet_demo")
+        demo = self.checkpoint.config.get("fleet_demo")
         if isinstance(demo, dict) and isinstance(demo.get("preset"), str):
             model["preset"] = demo["preset"]
+        side = self.processor.image(np.zeros((256, 256, 3), np.uint8)).shape[:2]
         return {
             "embodiment_tag": self.embodiment_tag,
             "modality_config": {m: mc[m].to_json() for m in ("video", "state", "action", "language")},
             "state_dims": dict(self.spec.state_dims),
             "action_dims": dict(self.spec.action_dims),
-            "action_horizon": int(self.processor.action_horizon),
-            "video_keys": list(self.processor.video_keys),
+            "action_horizon": int(self.spec.action_horizon),
+            "noise_shape": [cfg.action_horizon, cfg.max_action_dim],
+            "video_keys": list(self.spec.video_keys),
             "language_keys": list(self.spec.language_keys),
-            "image_size": [self.processor.image_size, self.processor.image_size],
+            "image_size": [int(side[0]), int(side[1])],
             "strict": bool(self.strict),
             "max_batch_per_request": int(self.max_batch_per_request),
             "model": model,
         }
 
+    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
+        noise = options.get("noise")
+        if noise is None:
+            return
+        want = (batch_size, *self.noise_shape)
+        if not isinstance(noise, np.ndarray) or noise.dtype != np.float32 or noise.shape != want:
+            got = f"{noise.dtype} {noise.shape}" if isinstance(noise, np.ndarray) else type(noise).__name__
+            raise PolicyInputError(
+                f"options.noise: expected float32 array of shape {want} (B, action_horizon, max_action_dim), got {got}"
+            )
+        if not np.isfinite(noise).all():
+            raise PolicyInputError("options.noise: expected finite values")
+
     def _noise(self, batch_size: int, options: dict[str, Any]) -> torch.Tensor:
-        cfg = self.model.config
+        if options.get("noise") is not None:
+            return torch.from_numpy(np.array(options["noise"], dtype=np.float32))  # a copy: wire arrays are read-only
         seed = options.get("seed")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed))
-        return torch.randn((batch_size, cfg.action_horizon, cfg.max_action_dim), generator=gen, dtype=torch.float32)
+        return torch.randn((batch_size, *self.noise_shape), generator=gen, dtype=torch.float32)
 
     def _infer(
         self, observations: list[dict[str, Any]], options: list[dict[str, Any]], sizes: list[int]
     ) -> list[dict[str, np.ndarray]]:
-        # float32 noise on every device and dtype: a seed means the same starting point everywhere
         noise = torch.cat([self._noise(b, o) for b, o in zip(sizes, options)], dim=0)
         n = noise.shape[0]
-        if self.device.type == "cuda":
-            noise = noise.pin_memory().to(self.device, non_blocking=True)
+        states = {
+            k: np.concatenate([np.asarray(o["state"][k], dtype=np.float32) for o in observations], axis=0)
+            for k in self.spec.state_keys
+        }
         fixed = self.compile != "none"
-        states = self.processor.collect_states(observations)
+        inputs = self.processor.collate(observations, states, device=self.device, dtype=self.dtype,
+                                        length_multiple=COMPILED_TEXT_MULTIPLE if fixed else 1)
+        inputs["noise"] = noise.to(self.device)
+        if fixed:  # one shape per bucket: the compiled graph (or CUDA graph) is reused
+            rows = bucket_for(n, self.batch_buckets)
+            groups = inputs["images"]
+            if groups:  # extra rows repeat the last image: as many as the padded prompts' image slots
+                extra = sum(g.shape[0] for g in groups) // n * (rows - n)
+                groups[-1] = pad_rows(groups[-1], groups[-1].shape[0] + extra)
+            for k in ("input_ids", "attention_mask", "state", "noise"):
+                inputs[k] = pad_rows(inputs[k], rows)
         with torch.inference_mode():
-            inputs = self.processor.preprocess(
-                observations, device=self.device, dtype=self.dtype, states=states, fixed_text_length=fixed
-            )
-            inputs["noise"] = noise
-            if fixed:  # one shape per bucket: the compiled graph (or CUDA graph) is reused
-                rows = bucket_for(n, self.batch_buckets)
-                inputs = {k: pad_rows(v, rows) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            normalized = self._forward(**inputs)[:n].cpu()  # float32 already: the one device-to-host copy
+            normalized = self._forward(**inputs)[:n].cpu().numpy()
         actions = self.processor.decode_actions(normalized, states)
         out: list[dict[str, np.ndarray]] = []
         start = 0
@@ -260,4 +312,4 @@ class NativePolicy(BasePolicy):
         )
 
 
-__all__ = ["BATCH_INVARIANCE_ATOL", "NativePolicy", "resolve_dtype"]
+__all__ = ["BATCH_INVARIANCE_ATOL", "BackboneSources", "NativePolicy", "resolve_dtype"]

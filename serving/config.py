@@ -137,7 +137,21 @@ class PolicyConfig(_Strict):
     demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
         default=None, description="Build a demo checkpoint of this preset offline where `checkpoint` is missing."
     )
-    backend: Literal["native", "gr00t"] = "native"
+    backend: Literal["native", "gr00t", "auto"] = Field(
+        default="native",
+        description="native: our own model code (GR00T N1.6 checkpoints as NVIDIA writes them); gr00t: NVIDIA's "
+        "Isaac-GR00T package, where installed; auto: native where it implements the checkpoint's model_type.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="The backbone's tokenizer folder (NVIDIA's checkpoints carry none: for N1.6 the "
+        "Eagle-Block2A-2B-v2 folder inside Isaac-GR00T); default: the folder config.json's model_name names.",
+    )
+    backbone_config: str | None = Field(
+        default=None,
+        description="An Eagle-style backbone config.json (N1.6 checkpoints do not store the backbone's sizes); "
+        "default: the model_name folder's, else the released backbone's sizes.",
+    )
     device: str = Field(default="auto", description="auto (CUDA where present), cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     strict: bool = True
@@ -363,17 +377,12 @@ class _Layout:
 
 def _read_layout(tag: str, source: ModelSource) -> _Layout | None:
     """None for a checkpoint not built yet with no demo preset: the replica's loader reports it, naming the path."""
-    from policy.checkpoint import PROCESSOR_CONFIG_FILE, read_json
+    from policy.checkpoint import PROCESSOR_CONFIG_FILE, modality_layout
 
     path = Path(source.checkpoint or "")
     if (path / PROCESSOR_CONFIG_FILE).is_file():
-        where = str(path / PROCESSOR_CONFIG_FILE)
-        try:
-            embodiments = read_json(path / PROCESSOR_CONFIG_FILE).get("embodiments", {})
-        except (ValueError, AttributeError) as exc:
-            raise ValueError(f"cannot read {where}: {exc}") from None
-        entry = embodiments.get(tag)
-        return _Layout(where, sorted(embodiments), entry.get("modality_configs", {}) if entry is not None else None)
+        held, layout = modality_layout(path, tag)  # a broken file raises, naming it
+        return _Layout(str(path / PROCESSOR_CONFIG_FILE), held, layout)
     if source.demo_preset is not None:  # a demo checkpoint built later: every seed has its tag's demo layout
         from policy.make_demo_checkpoint import embodiment_layout
 

@@ -174,7 +174,8 @@ class PolicyDeployment:
     def _load_kwargs(self) -> dict[str, Any]:
         """How every model of this replica loads (the default one and each fine-tune alike)."""
         cfg = self._config
-        kwargs: dict[str, Any] = {"strict": cfg.strict, "backend": cfg.backend, "dtype": cfg.dtype}
+        kwargs: dict[str, Any] = {"strict": cfg.strict, "backend": cfg.backend, "dtype": cfg.dtype,
+                                  "tokenizer": cfg.tokenizer, "backbone_config": cfg.backbone_config}
         if cfg.compile != "none":
             kwargs["compile"] = cfg.compile
         return kwargs

@@ -83,7 +83,7 @@ def test_describe_is_plain_data(gr1, tiny_checkpoint):
     assert d["state_dims"] == {"left_arm": 7, "right_arm": 7, "left_hand": 6, "right_hand": 6, "waist": 3}
     assert d["action_dims"] == d["state_dims"]
     assert d["action_horizon"] == 16 and d["video_keys"] == [GR1_CAM] and d["language_keys"] == [LANG]
-    assert d["image_size"] == [32, 32]
+    assert d["image_size"] == [56, 56]  # the tiny preset's square side (shortest_image_edge 56, a multiple of 28)
     m = d["model"]
     assert m["backend"] == "native" and m["path"] == str(Path(tiny_checkpoint)) and m["preset"] == "tiny"
     assert m["parameters"] > 0 and m["device"] == "cpu" and m["dtype"] == "float32"
@@ -386,7 +386,7 @@ def test_broken_checkpoints_name_the_file(tiny_checkpoint, tmp_path):
     stats = json.loads((c / "statistics.json").read_text())
     stats["gr1"]["state"]["waist"]["max"] = [1.0]
     (c / "statistics.json").write_text(json.dumps(stats))
-    with pytest.raises(CheckpointError, match=r"statistics.json: gr1.state.waist.max: expected a list of 3 finite"):
+    with pytest.raises(CheckpointError, match=r"statistics.json: gr1.state.waist.max: 1 values, the other statistics of 'waist' have 3 values"):
         load_policy(c, "gr1")
 
     c = _copy(tiny_checkpoint, tmp_path / "bad_json")
@@ -395,9 +395,16 @@ def test_broken_checkpoints_name_the_file(tiny_checkpoint, tmp_path):
         load_policy(c, "gr1")
 
     c = _copy(tiny_checkpoint, tmp_path / "no_ids")
-    (c / "embodiment_id.json").unlink()
-    with pytest.raises(CheckpointError, match=r"no_ids/embodiment_id.json: file is missing"):
-        load_policy(c, "gr1")
+    (c / "embodiment_id.json").write_text("{}")
+    assert load_policy(c, "gr1", warmup=False).describe()["model"]["embodiment_id"] == 20  # NVIDIA's row for gr1
+    pc = json.loads((c / "processor_config.json").read_text())
+    pc["processor_kwargs"]["modality_configs"]["my_arm"] = pc["processor_kwargs"]["modality_configs"]["gr1"]
+    (c / "processor_config.json").write_text(json.dumps(pc))
+    stats = json.loads((c / "statistics.json").read_text())
+    stats["my_arm"] = stats["gr1"]
+    (c / "statistics.json").write_text(json.dumps(stats))
+    with pytest.raises(CheckpointError, match=r"no_ids/embodiment_id.json: missing key 'my_arm'"):
+        load_policy(c, "my_arm")
 
     c = _copy(tiny_checkpoint, tmp_path / "no_weights")
     (c / "model.safetensors").unlink()
@@ -406,28 +413,27 @@ def test_broken_checkpoints_name_the_file(tiny_checkpoint, tmp_path):
 
     c = _copy(tiny_checkpoint, tmp_path / "bad_weights")
     (c / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match=r"bad_weights/model.safetensors: cannot load the model"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*bad_weights: cannot load the weights"):
         load_policy(c, "gr1")
 
     c = _copy(tiny_checkpoint, tmp_path / "no_tokenizer")
-    (c / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match=r"no_tokenizer/tokenizer.json: file is missing"):
+    (c / "backbone" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"do not carry their tokenizer; point `tokenizer:` at the backbone's"):
         load_policy(c, "gr1")
 
     c = _copy(tiny_checkpoint, tmp_path / "bad_modality")
     pc = json.loads((c / "processor_config.json").read_text())
-    del pc["embodiments"]["gr1"]["state_dims"]["waist"]
+    del pc["processor_kwargs"]["modality_configs"]["gr1"]["state"]
     (c / "processor_config.json").write_text(json.dumps(pc))
-    with pytest.raises(CheckpointError, match=r"processor_config.json: missing key 'embodiments.gr1.state_dims.waist'"):
+    with pytest.raises(CheckpointError, match=r"processor_config.json: missing key 'processor_kwargs.modality_configs.gr1.state'"):
         load_policy(c, "gr1")
 
 
 def test_save_load_round_trip_gives_identical_actions(gr1, tiny_checkpoint, tmp_path):
-    out = tmp_path / "resaved"
-    gr1.model.save_pretrained(str(out))
-    for f in Path(tiny_checkpoint).iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, out / f.name)
+    from policy.make_demo_checkpoint import save_weights
+
+    out = _copy(tiny_checkpoint, tmp_path / "resaved")
+    save_weights(gr1.model, out / "model.safetensors")
     again = load_policy(out, "gr1")
     obs = gr1_obs(b=2, seed=3)
     a, _ = gr1.get_action(obs, {"seed": 42})
