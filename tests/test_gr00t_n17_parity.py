@@ -123,7 +123,9 @@ def outputs(backbone, prestage, inputs) -> dict:
     with torch.no_grad():
         for name, x in inputs.items():
             merged, deepstack = backbone.vision(x.pixel_values, x.image_grid_thw)
-            features, valid, image = backbone(x.pixel_values, x.image_grid_thw, x.input_ids, x.attention_mask, x.position_ids)
+            features, valid, image = backbone(
+                x.pixel_values, x.image_grid_thw, x.input_ids, x.attention_mask, x.position_ids
+            )
             out[name] = {
                 "merged": merged,
                 "deepstack": deepstack,
@@ -159,7 +161,8 @@ def test_frames_are_the_reference_uint8_frames(processor, refs, name):
 @pytest.mark.parametrize("name", CASES)
 def test_pixel_values_and_grids(inputs, refs, name):
     x = inputs[name]
-    assert x.pixel_values.dtype == torch.float32 and tuple(x.pixel_values.shape) == refs[name]["proc.pixel_values"].shape
+    assert x.pixel_values.dtype == torch.float32
+    assert tuple(x.pixel_values.shape) == refs[name]["proc.pixel_values"].shape
     assert max_diff(x.pixel_values, refs[name]["proc.pixel_values"]) <= 1e-6
     np.testing.assert_array_equal(x.image_grid_thw.numpy(), refs[name]["proc.image_grid_thw"])
 
@@ -318,7 +321,8 @@ def test_default_backbone_is_cosmos_reason2_2b():
 def test_weight_errors_name_the_tensor(model_config, tensors):
     model = Gr00tN17Backbone(read_backbone_config(TOKENIZER), model_config["select_layer"])
     missing = {k: v for k, v in tensors.items() if not k.endswith("visual.merger.linear_fc2.bias")}
-    with pytest.raises(N17ModelError, match=r"missing, e\.g\. \['backbone\.model\.model\.visual\.merger\.linear_fc2\.bias'\]"):
+    dropped = r"missing, e\.g\. \['backbone\.model\.model\.visual\.merger\.linear_fc2\.bias'\]"
+    with pytest.raises(N17ModelError, match=dropped):
         load_backbone_weights(model, missing)
     extra = dict(tensors, **{"backbone.model.model.visual.extra.weight": torch.zeros(1)})
     with pytest.raises(N17ModelError, match="does not have"):
