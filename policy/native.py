@@ -31,7 +31,7 @@ from clients.modality import ModalityConfig
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
 from .checkpoint import N1D6, CheckpointError, CheckpointInfo, read_checkpoint
 from .embodiment import resolve_tag
-from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward, pad_rows
+from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward
 from .tokenization import TOKENIZER_HINT, has_tokenizer, load_chat_template, load_tokenizer
 
 _DTYPES = {
@@ -111,8 +111,34 @@ class BackboneSources:
         return cls(config_file, tok)
 
 
+def _load_n1d6(info: CheckpointInfo, spec: Any, sources: BackboneSources, dtype: torch.dtype, device: torch.device):
+    from .configuration_gr00t_n1d6 import ConfigError, EagleBackboneConfig, Gr00tN1d6Config
+    from .modeling_gr00t_n1d6 import load_model
+    from .processing_gr00t_n1d6 import Gr00tN1d6Processor
+
+    try:
+        config = Gr00tN1d6Config.from_checkpoint_dict(info.config, str(info.path / "config.json"))
+        backbone = EagleBackboneConfig.from_file(sources.config_file) if sources.config_file else EagleBackboneConfig()
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        model = load_model(info.path, config, backbone, dtype=dtype, device=device)
+    except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
+        raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+    tokenizer, template = sources.load_tokenizer()
+    processor = Gr00tN1d6Processor(spec, info.processor_kwargs, config, backbone, tokenizer, template,
+                                   where=str(info.path / "processor_config.json"))
+    return model, processor
+
+
+# One loader per model_type: (checkpoint, embodiment, backbone sources, dtype, device) -> (model, processor).
+# The model: forward(**processor inputs, noise) -> normalised actions, and a `config` with action_horizon,
+# max_action_dim and max_num_embodiments. The processor: collate, pad_rows, decode_actions, model_image_size.
+LOADERS = {N1D6: _load_n1d6}
+
+
 class NativePolicy(BasePolicy):
-    """One embodiment of a GR00T N1.6 checkpoint (NVIDIA's layout), on our own model code."""
+    """One embodiment of a GR00T checkpoint (NVIDIA's layout), on our own model code."""
 
     backend = "native"
 
@@ -144,11 +170,13 @@ class NativePolicy(BasePolicy):
         self.embodiment_tag = resolve_tag(embodiment_tag)
         self.spec = info.embodiment(self.embodiment_tag)  # unknown tag -> error listing the checkpoint's tags
         self.sources = BackboneSources.resolve(info, tokenizer, backbone_config)
-        if info.model_type != N1D6:
+        loader = LOADERS.get(info.model_type)
+        if loader is None:
             raise CheckpointError(
-                f"checkpoint {info.path / 'config.json'}: model_type {info.model_type!r} is not served natively yet"
+                f"checkpoint {info.path / 'config.json'}: model_type {info.model_type!r} is not served natively; "
+                f"native: {', '.join(LOADERS)}"
             )
-        self.model, self.processor = self._load_n1d6(info)
+        self.model, self.processor = loader(info, self.spec, self.sources, self.dtype, self.device)
         if self.spec.embodiment_id >= self.model.config.max_num_embodiments:
             raise CheckpointError(
                 f"checkpoint {info.path / 'embodiment_id.json'}: {self.embodiment_tag} has projector row "
@@ -162,26 +190,6 @@ class NativePolicy(BasePolicy):
         if warmup:
             self.warmup()
         self.load_seconds = time.perf_counter() - t0
-
-    def _load_n1d6(self, info: CheckpointInfo):
-        from .configuration_gr00t_n1d6 import ConfigError, EagleBackboneConfig, Gr00tN1d6Config
-        from .modeling_gr00t_n1d6 import load_model
-        from .processing_gr00t_n1d6 import Gr00tN1d6Processor
-
-        try:
-            config = Gr00tN1d6Config.from_checkpoint_dict(info.config, str(info.path / "config.json"))
-            src = self.sources.config_file
-            backbone = EagleBackboneConfig.from_file(src) if src is not None else EagleBackboneConfig()
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
-        try:
-            model = load_model(info.path, config, backbone, dtype=self.dtype, device=self.device)
-        except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
-            raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
-        tokenizer, template = self.sources.load_tokenizer()
-        processor = Gr00tN1d6Processor(self.spec, info.processor_kwargs, config, backbone, tokenizer, template,
-                                       where=str(info.path / "processor_config.json"))
-        return model, processor
 
     def set_compile(self, mode: str, batch_buckets: tuple[int, ...] | None = None) -> None:
         """Switch the execution mode (see policy.hot_path) without reloading the weights."""
@@ -225,7 +233,7 @@ class NativePolicy(BasePolicy):
             "dtype": str(self.dtype).removeprefix("torch."),
             "embodiment_id": int(self.spec.embodiment_id),
             "compile": self.compile,
-            "backbone_config": str(self.sources.config_file or self.model.backbone_config.source),
+            "backbone_config": str(self.sources.config_file or "built-in dimensions"),
             "tokenizer": str(self.sources.tokenizer_dir or type(self.sources.tokenizer).__name__),
             "load_seconds": round(float(getattr(self, "load_seconds", 0.0)), 3),
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
@@ -235,7 +243,7 @@ class NativePolicy(BasePolicy):
         demo = self.checkpoint.config.get("fleet_demo")
         if isinstance(demo, dict) and isinstance(demo.get("preset"), str):
             model["preset"] = demo["preset"]
-        side = self.processor.image(np.zeros((256, 256, 3), np.uint8)).shape[:2]
+        side = self.processor.model_image_size()
         return {
             "embodiment_tag": self.embodiment_tag,
             "modality_config": {m: mc[m].to_json() for m in ("video", "state", "action", "language")},
@@ -288,13 +296,7 @@ class NativePolicy(BasePolicy):
                                         length_multiple=COMPILED_TEXT_MULTIPLE if fixed else 1)
         inputs["noise"] = noise.to(self.device)
         if fixed:  # one shape per bucket: the compiled graph (or CUDA graph) is reused
-            rows = bucket_for(n, self.batch_buckets)
-            groups = inputs["images"]
-            if groups:  # extra rows repeat the last image: as many as the padded prompts' image slots
-                extra = sum(g.shape[0] for g in groups) // n * (rows - n)
-                groups[-1] = pad_rows(groups[-1], groups[-1].shape[0] + extra)
-            for k in ("input_ids", "attention_mask", "state", "noise"):
-                inputs[k] = pad_rows(inputs[k], rows)
+            inputs = self.processor.pad_rows(inputs, n, bucket_for(n, self.batch_buckets))
         with torch.inference_mode():
             normalized = self._forward(**inputs)[:n].cpu().numpy()
         actions = self.processor.decode_actions(normalized, states)

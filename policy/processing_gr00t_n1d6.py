@@ -26,6 +26,7 @@ import torch
 
 from .checkpoint import EmbodimentSpec
 from .configuration_gr00t_n1d6 import EagleBackboneConfig, Gr00tN1d6Config
+from .hot_path import pad_rows
 from .image_transforms import Gr00tImageTransform
 from .state_action import StateActionCodec
 from .tokenization import formalize_language, render_chat
@@ -192,6 +193,24 @@ class Gr00tN1d6Processor:
             groups.append(x.to(dtype))
             start = end
         return groups
+
+    @staticmethod
+    def pad_rows(inputs: dict[str, Any], n: int, rows: int) -> dict[str, Any]:
+        """``inputs`` of n samples grown to ``rows`` by repeating the last (fixed shapes for compiled execution);
+        the extra images repeat the last one, as many as the repeated prompts have image slots."""
+        out = dict(inputs)
+        groups = list(inputs["images"])
+        if groups:
+            extra = sum(g.shape[0] for g in groups) // n * (rows - n)
+            groups[-1] = pad_rows(groups[-1], groups[-1].shape[0] + extra)
+        out["images"] = groups
+        for k in ("input_ids", "attention_mask", "state", "noise"):
+            out[k] = pad_rows(inputs[k], rows)
+        return out
+
+    def model_image_size(self) -> tuple[int, int]:
+        """(h, w) of the images the vision tower sees (for a square camera frame)."""
+        return tuple(self.image(np.zeros((256, 256, 3), np.uint8)).shape[:2])
 
     def decode_actions(self, normalized: np.ndarray, states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.codec.decode_actions(normalized, states)
