@@ -7,14 +7,15 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.fleetserve-installed
-# A second environment with NVIDIA GR00T N1.6's pins (its pyproject.toml; torch stays the local build): users
-# install fleetserve into their GR00T environment and set `backend: gr00t`, so `make test` checks that path.
+# A second environment with NVIDIA GR00T N1.6's pins at its last N1.6 release (its pyproject.toml; torch stays the
+# local build): users install fleetserve into their GR00T environment, so `make test` checks N1.6 there.
 GR00T_VENV ?= .venv-gr00t
 GR00T_PY := $(GR00T_VENV)/bin/python
 GR00T_STAMP := $(GR00T_VENV)/.fleetserve-installed
 GR00T_PINS := transformers==4.51.3 numpy==1.26.4 msgpack==1.1.0 pyzmq==27.0.1
 # Policy, gr00t backend and serving under those pins: a focused subset (one Serve app), not the whole suite.
-GR00T_TESTS := tests/test_model.py tests/test_processor.py tests/test_policy.py tests/test_checkpoint.py \
+GR00T_TESTS := tests/test_modeling_gr00t_n1d6.py tests/test_processing_gr00t_n1d6.py tests/test_state_action.py \
+	tests/test_gr00t_n16_parity.py tests/test_policy.py tests/test_checkpoint.py \
 	tests/test_gr00t_backend.py tests/test_inference_path.py \
 	tests/test_serving.py::test_every_endpoint_through_policy_client \
 	tests/test_serving.py::test_info_names_the_device_each_replica_got_and_its_warm_up

@@ -103,16 +103,17 @@ class CustomTag:
 
 
 def upstream_tag(tag_cls: Any, tag: str, checkpoint_tags: list[str] | None) -> Any:
-    """Upstream's enum member for ``tag``; a CustomTag where the enum lacks it but the checkpoint holds it."""
+    """Upstream's enum member for ``tag``; a CustomTag where the enum lacks it but the checkpoint holds it.
+    ``checkpoint_tags``: the tags the checkpoint's processor config holds (None: not known here, a hub id)."""
+    if checkpoint_tags is not None and tag not in checkpoint_tags:
+        raise ValueError(
+            f"embodiment tag {tag!r} is not in checkpoint's processor_config.json (it holds: "
+            f"{', '.join(sorted(checkpoint_tags)) or '(none)'})"
+        )
     for member in tag_cls:
         if str(getattr(member, "value", "")).lower() == tag or str(getattr(member, "name", "")).lower() == tag:
             return member
-    if checkpoint_tags is None or tag in checkpoint_tags:
-        return CustomTag(tag)
-    raise ValueError(
-        f"embodiment tag {tag!r} is not in checkpoint's processor_config.json (it holds: "
-        f"{', '.join(sorted(checkpoint_tags)) or '(none)'}) nor in upstream's EmbodimentTag enum"
-    )
+    return CustomTag(tag)
 
 
 class _NoiseInjectingTorch:

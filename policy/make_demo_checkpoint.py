@@ -385,9 +385,10 @@ def embodiment_ids(tags: Sequence[str], slots: int) -> dict[str, int]:
 
 def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: Sequence[str], seed: int, *,
                           model=None) -> Path:
-    """Write every file of a demo checkpoint into ``out_dir`` (an existing, empty directory). ``model``: weights
+    """Write every file of a demo checkpoint into ``out_dir`` (an empty or new directory). ``model``: weights
     already built (e.g. by :func:`build_demo_model` on a GPU); default: built here, on the CPU."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     p = _preset(preset)
     config, backbone = preset_config(preset)
     if len(embodiments) > config.max_num_embodiments:

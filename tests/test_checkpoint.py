@@ -1,5 +1,5 @@
-"""Demo checkpoints: determinism, layout, the race-safe ensure_demo_checkpoint, the CLI; checkpoint reader errors;
-embodiment tags."""
+"""Demo checkpoints (GR00T N1.6 checkpoints in NVIDIA's layout): determinism, layout, the race-safe
+ensure_demo_checkpoint, the CLI; embodiment tags."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import policy
 from policy import make_demo_checkpoint as mdc
-from policy.checkpoint import CheckpointError, load_tokenizer, read_checkpoint
-from policy.configuration import FleetGr00tConfig
+from policy.checkpoint import CheckpointError, read_checkpoint
+from policy.configuration_gr00t_n1d6 import EagleBackboneConfig, Gr00tN1d6Config
 from policy.embodiment import KNOWN_TAGS, resolve_tag
+from policy.tokenization import load_tokenizer
 
 FILES = ("config.json", "model.safetensors", "processor_config.json", "statistics.json", "embodiment_id.json",
-         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+         "backbone/config.json", "backbone/tokenizer.json", "backbone/tokenizer_config.json",
+         "backbone/special_tokens_map.json", "backbone/chat_template.json")
 
 
 def _bytes(path: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*")) if f.is_file()}
 
 
 def test_build_is_deterministic_byte_for_byte(tiny_checkpoint, tmp_path):
@@ -34,11 +37,28 @@ def test_build_is_deterministic_byte_for_byte(tiny_checkpoint, tmp_path):
     assert (other / "statistics.json").read_bytes() != a["statistics.json"]
 
 
+def test_it_is_an_n16_checkpoint_in_nvidias_layout(tiny_checkpoint):
+    info = read_checkpoint(tiny_checkpoint)
+    assert info.model_type == "Gr00tN1d6" and info.tags == ["gr1", "unitree_g1"]
+    assert info.config["fleet_demo"]["preset"] == "tiny" and info.config["model_name"] == "backbone"
+    config = Gr00tN1d6Config.from_checkpoint_dict(info.config)  # only the fields that differ from N1.6's defaults
+    assert config.num_inference_timesteps == 4 and config.use_alternate_vl_dit and config.action_horizon == 16
+    assert "num_inference_timesteps" not in info.config
+    assert info.embodiment_ids == {"gr1": 20, "unitree_g1": 8}  # NVIDIA's projector rows for those tags
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "backbone.model.vision_model.vision_model.embeddings.patch_embedding.weight" in names
+    assert "backbone.model.language_model.model.layers.0.self_attn.q_norm.weight" in names
+    assert "action_head.model.transformer_blocks.1.attn1.to_q.weight" in names
+    assert "action_head.action_encoder.W2.W" in names
+    backbone = EagleBackboneConfig.from_file(tiny_checkpoint / "backbone" / "config.json")
+    assert backbone.text.hidden_size == config.backbone_embedding_dim
+
+
 def test_layout_and_statistics(tiny_checkpoint):
     info = read_checkpoint(tiny_checkpoint)
-    assert info.tags == ["gr1", "unitree_g1"]
-    assert info.embodiment_ids == {"gr1": 0, "unitree_g1": 1}
-    assert info.processor_config["fleet_demo"]["preset"] == "tiny"
     gr1 = info.embodiment("gr1")
     assert gr1.video_keys == ["ego_view_bg_crop_pad_res256_freq20"]
     assert gr1.state_dims == {"left_arm": 7, "right_arm": 7, "left_hand": 6, "right_hand": 6, "waist": 3}
@@ -48,34 +68,34 @@ def test_layout_and_statistics(tiny_checkpoint):
                     "left_hand": ("ABSOLUTE", None), "right_hand": ("ABSOLUTE", None), "waist": ("RELATIVE", "waist")}
     st = gr1.statistics["state"]
     assert all(-3.1 <= v <= -1.0 for v in st["left_arm"]["min"]) and all(1.0 <= v <= 3.1 for v in st["left_arm"]["max"])
-    assert all(0 <= v <= 0.1 for v in st["left_hand"]["min"]) and all(1.2 <= v <= 1.7 for v in st["left_hand"]["max"])
     for s in st.values():
         for lo, q1, m, q99, hi in zip(s["min"], s["q01"], s["mean"], s["q99"], s["max"]):
             assert lo < q1 < m < q99 < hi
+    rel = np.asarray(gr1.statistics["relative_action"]["left_arm"]["max"])
+    assert rel.shape == (16, 7) and (np.diff(rel, axis=0) > 0).all()  # per-step, widening with the step
     g1 = info.embodiment("unitree_g1")
     assert g1.video_keys == ["ego_view", "wrist_view"]
-    assert g1.total_action_dim() == 32 and g1.encoded_state_dim() == 43
-    cfg = FleetGr00tConfig.from_preset("tiny")
-    assert len(load_tokenizer(tiny_checkpoint)) <= cfg.llm_config.vocab_size
+    assert g1.modality_configs["state"].sin_cos_embedding_keys == ["waist"]
+    assert sum(g1.action_dims.values()) == 32
 
 
-def test_tokenizer_is_offline_and_portable(tiny_checkpoint):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint), local_files_only=True)
-    enc = tok(["Pick the PEAR", "zebra"], padding=True)
-    assert enc["input_ids"][0][0] == tok.bos_token_id and tok.padding_side == "right"
-    assert tok.unk_token_id not in enc["input_ids"][1]  # unknown words are spelt with characters, not [UNK]
-    assert tok.decode(enc["input_ids"][0], skip_special_tokens=True) == "pick the pear"
-    cfg = json.loads((Path(tiny_checkpoint) / "tokenizer_config.json").read_text())
-    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert json.loads((Path(tiny_checkpoint) / "special_tokens_map.json").read_text())["pad_token"] == "[PAD]"
+def test_tokenizer_is_offline_portable_and_has_eagles_tokens(tiny_checkpoint):
+    tok = load_tokenizer(tiny_checkpoint / "backbone")
+    ids = tok("<|im_start|>user\nPick the PEAR<image 1><img><IMG_CONTEXT><IMG_CONTEXT></img>", add_special_tokens=False)["input_ids"]
+    img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert ids.count(img) == 2 and ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert tok.unk_token_id not in ids  # unknown words are spelt with characters
+    backbone = json.loads((tiny_checkpoint / "backbone" / "config.json").read_text())
+    assert backbone["image_token_index"] == img
+    assert json.loads((tiny_checkpoint / "backbone" / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
-def test_custom_tag_gets_the_generic_layout(tmp_path):
+def test_custom_tag_gets_the_generic_layout_and_a_free_projector_row(tmp_path):
     path = policy.build_demo_checkpoint(tmp_path / "custom", "tiny", ["My_Robot"], seed=0)
-    spec = read_checkpoint(path).embodiment("my_robot")
+    info = read_checkpoint(path)
+    spec = info.embodiment("my_robot")
     assert spec.video_keys == ["front_view"] and spec.state_dims == {"joints": 7} and spec.action_dims == {"joints": 7}
+    assert spec.embodiment_id not in (13, 20, 24, 8, 2, 0, 1, 16, 10)  # none of NVIDIA's rows
     pol = policy.load_policy(path, "MY_ROBOT")
     action, _ = pol.get_action(pol.dummy_observation(2, height=40, width=40), {"seed": 0})
     assert action["joints"].shape == (2, 16, 7)
@@ -142,7 +162,7 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     assert mdc.main([str(out), "--preset", "tiny", "--embodiments", "gr1", "--seed", "3"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert read_checkpoint(out).processor_config["fleet_demo"]["seed"] == 3
+    assert read_checkpoint(out).config["fleet_demo"]["seed"] == 3
     assert mdc.main([str(out), "--preset", "tiny", "--embodiments", "gr1"]) == 1
     assert "exists" in capsys.readouterr().err
     assert mdc.main([str(out), "--preset", "tiny", "--embodiments", "unitree_g1", "--force"]) == 0
@@ -190,13 +210,27 @@ def test_ensure_builds_once_while_concurrent_callers_wait(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["once"]  # no temporary copy, no lock file left
 
 
-def test_demo_model_is_built_directly_in_its_dtype():
+def test_demo_model_is_drawn_directly_in_its_dtype_and_deterministically():
     import torch
 
-    before = torch.get_default_dtype()
     model = mdc.build_demo_model("tiny", seed=0, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert torch.get_default_dtype() == before  # the process-wide default is restored
-    buffers = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
-    assert buffers and set(buffers.values()) == {torch.float32}  # RoPE frequencies are computed in fp32
+    again = mdc.build_demo_model("tiny", seed=0, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     assert mdc.demo_dtype("n16-3b") == torch.bfloat16 and mdc.demo_dtype("small") == torch.float32
+
+
+def test_n16_3b_preset_has_the_released_models_sizes():
+    import torch
+
+    from policy.modeling_gr00t_n1d6 import Gr00tN1d6
+
+    config, backbone = mdc.preset_config("n16-3b")
+    with torch.device("meta"):
+        model = Gr00tN1d6(config, backbone)
+    count = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
+    assert backbone.vision.hidden_size == 1152 and backbone.vision.num_hidden_layers == 27
+    assert backbone.text.hidden_size == 2048 and config.select_layer == 16 and backbone.text.vocab_size == 151680
+    assert config.dit.num_layers == 32 and config.input_embedding_dim == 1536 and config.hidden_size == 1024
+    assert 390e6 < count("backbone.model.vision_model") < 420e6  # SigLIP2-so400m-sized
+    assert 2.8e9 < sum(p.numel() for p in model.parameters()) < 3.4e9

@@ -3,13 +3,15 @@
 NVIDIA's Isaac-GR00T package cannot be installed here (no network, no GPU), so these tests inject a mock of the
 few names the backend uses (`gr00t.policy.gr00t_policy.Gr00tPolicy`, `gr00t.data.embodiment_tags.EmbodimentTag`)
 into `sys.modules` with monkeypatch. The mock mimics upstream N1.6's interface: constructor keywords, nested
-observations with [[str]] language, enum-valued ModalityConfig / ActionConfig objects, actions drawn with torch's
-global RNG. It checks our adapter, not NVIDIA's model.
+observations with [[str]] language, enum-valued ModalityConfig / ActionConfig objects, and an action head (in a
+module of its own, as upstream's) that draws its noise with one `torch.randn((B, horizon, max_action_dim))`. It
+checks our adapter, not NVIDIA's model.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import sys
 import types
 from dataclasses import dataclass
@@ -59,24 +61,33 @@ class FakeModalityConfig:  # upstream's dataclass: enum members, no to_json
     action_configs: list | None = None
 
 
+HEAD_MODULE = types.ModuleType("gr00t.model.fake_action_head")
+HEAD_MODULE.torch = torch
+exec(  # the stand-in action head lives in a module of its own, as upstream's does
+    "class ActionHead:\n"
+    "    def draw(self, b):\n"
+    "        return torch.randn(size=(b, 4, 4), dtype=torch.float32, device='cpu')\n",
+    HEAD_MODULE.__dict__,
+)
+
+
 class FakeGr00tPolicy:
     instances: list["FakeGr00tPolicy"] = []
 
     def __init__(self, embodiment_tag, model_path, *, device, strict=True):
-        if not isinstance(embodiment_tag, FakeTag):
-            raise TypeError("the stand-in expects an EmbodimentTag member")
-        if embodiment_tag.value != "gr1":
+        _ = embodiment_tag.value  # what upstream reads of the tag (an AttributeError on a plain str)
+        if embodiment_tag.value not in ("gr1", "my_arm"):
             raise ValueError(f"Embodiment tag '{embodiment_tag.name}' is not supported by this checkpoint. Supported: GR1")
         self.kwargs = dict(embodiment_tag=embodiment_tag, model_path=model_path, device=device, strict=strict)
         self.calls: list[int] = []
         self.model = torch.nn.Linear(3, 2)
-        self.model.config = types.SimpleNamespace(model_type="Gr00tN1d6")
+        self.model.config = types.SimpleNamespace(model_type="Gr00tN1d6", action_horizon=4, max_action_dim=4)
+        self.model.action_head = HEAD_MODULE.ActionHead()
         self.processor = types.SimpleNamespace(
             state_action_processor=types.SimpleNamespace(
                 norm_params={"gr1": {"state": {"arm": {"dim": np.array(3)}}, "action": {"arm": {"dim": np.array(3)},
                                                                                       "grip": {"dim": np.array(1)}}}}
             ),
-            image_target_size=[224, 224],
         )
         FakeGr00tPolicy.instances.append(self)
 
@@ -97,7 +108,7 @@ class FakeGr00tPolicy:
         b = observation["video"]["front"].shape[0]
         assert all(isinstance(x, list) and len(x) == 1 and isinstance(x[0], str) for x in observation["language"]["task"])
         self.calls.append(b)
-        noise = torch.randn(b, 4, 4).numpy()
+        noise = self.model.action_head.draw(b).numpy()
         state = observation["state"]["arm"][:, -1:, :]
         return {"arm": (state + noise[:, :, :3]).astype(np.float32), "grip": noise[:, :, 3:].astype(np.float32)}, {}
 
@@ -117,7 +128,7 @@ def stand_in_gr00t(monkeypatch):
     tags = types.ModuleType("gr00t.data.embodiment_tags")
     tags.EmbodimentTag = FakeTag
     for name, mod in (("gr00t", pkg), ("gr00t.policy", pol), ("gr00t.policy.gr00t_policy", gp),
-                      ("gr00t.data", data), ("gr00t.data.embodiment_tags", tags)):
+                      ("gr00t.data", data), ("gr00t.data.embodiment_tags", tags), (HEAD_MODULE.__name__, HEAD_MODULE)):
         monkeypatch.setitem(sys.modules, name, mod)
     return FakeGr00tPolicy
 
@@ -128,6 +139,9 @@ def upstream_dir(tmp_path):
     d.mkdir()
     (d / "config.json").write_text('{"model_type": "Gr00tN1d6"}')
     (d / "model.safetensors").write_bytes(b"")
+    kwargs = {"modality_configs": {"gr1": {}, "my_arm": {}}, "use_albumentations": True, "shortest_image_edge": 256,
+              "crop_fraction": 0.95}
+    (d / "processor_config.json").write_text(json.dumps({"processor_class": "Gr00tN1d6Processor", "processor_kwargs": kwargs}))
     return d
 
 
@@ -151,7 +165,8 @@ def test_wraps_upstream_policy(stand_in_gr00t, upstream_dir):
     d = p.describe()
     assert msgpack.unpackb(msgpack.packb(d)) == d
     assert d["model"]["backend"] == "gr00t" and d["model"]["model_type"] == "Gr00tN1d6"
-    assert d["image_size"] == [224, 224] and d["action_horizon"] == 4 and d["model"]["parameters"] == 8
+    assert d["image_size"] == [252, 252] and d["action_horizon"] == 4 and d["model"]["parameters"] == 8  # N1.6's
+    assert d["noise_shape"] == [4, 4]
     assert p.reset() == {"reset": True}
 
 
@@ -169,19 +184,44 @@ def test_one_upstream_call_for_all_unseeded_requests(stand_in_gr00t, upstream_di
         assert np.abs(action["arm"] - o["state"]["arm"]).max() < 6
 
 
-def test_seeded_requests_are_reproducible_alone_or_batched(stand_in_gr00t, upstream_dir):
+def test_seeded_requests_are_reproducible_alone_or_batched_in_one_call(stand_in_gr00t, upstream_dir):
     p = load_policy(upstream_dir, "gr1", backend="gr00t")
+    inner = stand_in_gr00t.instances[-1]
     o = obs(2, seed=4)
     alone, _ = p.get_action(o, {"seed": 5})
-    res = p.get_actions([(obs(1), None), (o, {"seed": 5}), (obs(2, h=32, w=48), None)])
+    inner.calls.clear()
+    res = p.get_actions([(obs(1), None), (o, {"seed": 5}), (obs(2), {"seed": 6})])
+    assert inner.calls == [5]  # seeded and unseeded requests share one upstream call
     for k in alone:
         np.testing.assert_array_equal(res[1][0][k], alone[k])
-    other, _ = p.get_action(o, {"seed": 6})
-    assert not np.allclose(other["grip"], alone["grip"])
-    # seeding does not leave torch's global RNG seeded
-    state = torch.random.get_rng_state()
-    p.get_action(o, {"seed": 5})
+    assert not np.allclose(res[2][0]["grip"], alone["grip"])
+    state = torch.random.get_rng_state()  # the global RNG is neither seeded nor read
+    p.get_actions([(o, {"seed": 5}), (obs(1), None)])
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_options_noise_reaches_upstreams_action_head(stand_in_gr00t, upstream_dir):
+    p = load_policy(upstream_dir, "gr1", backend="gr00t")
+    noise = np.random.default_rng(0).normal(size=(2, 4, 4)).astype(np.float32)
+    action, _ = p.get_action(obs(2, seed=7), {"noise": noise})
+    np.testing.assert_array_equal(action["grip"], noise[:, :, 3:])  # the stand-in returns noise[..., 3:] as grip
+    with pytest.raises(PolicyInputError, match=r"options.noise: expected float32 array of shape \(2, 4, 4\)"):
+        p.get_action(obs(2), {"noise": noise[:, :3]})
+
+
+def test_an_upstream_that_draws_no_noise_is_reported(stand_in_gr00t, upstream_dir, monkeypatch):
+    p = load_policy(upstream_dir, "gr1", backend="gr00t")
+    monkeypatch.setattr(HEAD_MODULE.ActionHead, "draw", lambda self, b: torch.zeros(b, 4, 4))
+    with pytest.raises(RuntimeError, match=r"drew no noise of shape \(1, 4, 4\) through torch.randn"):
+        p.get_action(obs(1), {"seed": 1})
+
+
+def test_a_tag_upstream_lacks_but_the_checkpoint_holds_is_served(stand_in_gr00t, upstream_dir):
+    from policy.gr00t_backend import CustomTag
+
+    load_policy(upstream_dir, "My_Arm", backend="gr00t")
+    tag = stand_in_gr00t.instances[-1].kwargs["embodiment_tag"]
+    assert tag == CustomTag("my_arm") and (tag.value, tag.name) == ("my_arm", "MY_ARM")
 
 
 def test_different_image_sizes_go_in_one_call_per_size(stand_in_gr00t, upstream_dir):
@@ -200,8 +240,8 @@ def test_our_checks_run_before_upstream(stand_in_gr00t, upstream_dir):
     assert res[1][0]["arm"].shape == (1, 4, 3)
 
 
-def test_unknown_tag_error_comes_from_upstream(stand_in_gr00t, upstream_dir):
-    with pytest.raises(ValueError, match="not supported by this checkpoint"):
+def test_a_tag_the_checkpoint_lacks_is_refused_naming_the_ones_it_holds(stand_in_gr00t, upstream_dir):
+    with pytest.raises(ValueError, match=r"'unitree_g1' is not in checkpoint's processor_config.json \(it holds: gr1, my_arm\)"):
         load_policy(upstream_dir, "unitree_g1", backend="gr00t")
 
 
@@ -211,7 +251,8 @@ def test_missing_package_gives_a_clear_error(monkeypatch, upstream_dir):
         load_policy(upstream_dir, "gr1", backend="gr00t")
 
 
-def test_auto_backend_picks_gr00t_for_upstream_checkpoints(stand_in_gr00t, upstream_dir, tmp_path):
+def test_auto_backend_picks_gr00t_where_native_does_not_implement_the_model(stand_in_gr00t, upstream_dir, tmp_path):
+    (upstream_dir / "config.json").write_text('{"model_type": "Gr00tN1d5"}')
     assert isinstance(load_policy(upstream_dir, "gr1", backend="auto"), Gr00tBackendPolicy)
     from policy.checkpoint import CheckpointError
 
