@@ -102,15 +102,11 @@ def _batch_invariance(pol, others: int = 7) -> dict[str, Any]:
     alone = pol.dummy_observation(1, seed=1000)
     mixed = [pol.dummy_observation(1, seed=2000 + i) for i in range(others)]
     obs_batch = mixed[:3] + [alone] + mixed[3:]
-    proc, model = pol.processor, pol.model
-    with torch.inference_mode():
-        inputs = proc.preprocess([alone], device=pol.device, dtype=pol.dtype, states=proc.collect_states([alone]))
-        noise = pol._noise(1, {"seed": 5}).to(pol.device)
-        single = model.get_action(noise=noise, **inputs)[0].float().cpu()
-        inputs = proc.preprocess(obs_batch, device=pol.device, dtype=pol.dtype,
-                                 states=proc.collect_states(obs_batch))
-        big = torch.cat([pol._noise(3, {"seed": 6}), pol._noise(1, {"seed": 5}), pol._noise(others - 3, {"seed": 7})])
-        in_batch = model.get_action(noise=big.to(pol.device), **inputs)[3].float().cpu()
+    batch = {m: {k: (np.concatenate([o[m][k] for o in obs_batch]) if m != "language"
+                     else [t for o in obs_batch for t in o[m][k]]) for k in alone[m]} for m in alone}
+    single = pol.normalized_actions(alone, pol._noise(1, {"seed": 5}))[0]
+    big = torch.cat([pol._noise(3, {"seed": 6}), pol._noise(1, {"seed": 5}), pol._noise(others - 3, {"seed": 7})])
+    in_batch = pol.normalized_actions(batch, big)[3]
     from policy.native import BATCH_INVARIANCE_ATOL
 
     diff = float((in_batch - single).abs().max())

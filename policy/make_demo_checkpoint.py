@@ -175,11 +175,20 @@ def demo_vocabulary(limit: int) -> list[str]:
     return vocab
 
 
-def build_tokenizer(vocab_size_limit: int):
-    """A WordPiece tokenizer (``tokenizers.Tokenizer``; lower-casing, Eagle's special tokens matched whole)."""
+def build_tokenizer(vocab_size_limit: int, special_ids: dict[str, int] | None = None):
+    """A WordPiece tokenizer (``tokenizers.Tokenizer``; lower-casing, Eagle's special tokens matched whole).
+    ``special_ids``: ids for Eagle's special tokens (e.g. Eagle's own, to pair our tokenizer with a backbone
+    that expects them); by default they lead the vocabulary."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(demo_vocabulary(min(vocab_size_limit, 4096)))}
+    if special_ids:
+        ordinary = [t for t in vocab if t not in special_ids]
+        vocab = {t: i for i, t in enumerate(ordinary)}
+        taken = set(vocab.values())
+        if taken & set(special_ids.values()):
+            raise ValueError("tokenizer: special_ids collide with the ordinary vocabulary's ids")
+        vocab.update(special_ids)
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=64))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -189,11 +198,17 @@ def build_tokenizer(vocab_size_limit: int):
 
 
 def write_backbone_folder(out: Path, backbone: EagleBackboneConfig) -> None:
-    """backbone/: the backbone's config.json, our tokenizer and chat template (Eagle folder layout). The
-    tokenizer's config is written by hand in the form transformers 4.x and 5.x both read."""
+    """backbone/: the backbone's config.json, our tokenizer and chat template (Eagle folder layout)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", backbone.to_dict())
-    build_tokenizer(backbone.text.vocab_size).save(str(out / "tokenizer.json"))
+    write_tokenizer_folder(out, backbone.text.vocab_size)
+
+
+def write_tokenizer_folder(out: Path, vocab_size_limit: int, special_ids: dict[str, int] | None = None) -> None:
+    """Our tokenizer and chat template in ``out``; its config written by hand in the form transformers 4.x and
+    5.x both read."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(vocab_size_limit, special_ids).save(str(out / "tokenizer.json"))
     special = {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "[UNK]",
                "additional_special_tokens": ["<|im_start|>", IMAGE_TOKEN, "<img>", "</img>"]}
     write_json(out / "special_tokens_map.json", special)

@@ -29,7 +29,7 @@ import torch
 from clients.modality import ModalityConfig
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
-from .checkpoint import N1D6, CheckpointError, CheckpointInfo, read_checkpoint
+from .checkpoint import N1D6, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointError, CheckpointInfo, read_checkpoint
 from .embodiment import resolve_tag
 from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward
 from .tokenization import TOKENIZER_HINT, has_tokenizer, load_chat_template, load_tokenizer
@@ -56,6 +56,12 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"dtype: expected one of float32, bfloat16, float16 (or a torch.dtype), got {dtype!r}")
+
+
+def weights_path(path: Path) -> Path:
+    """model.safetensors, or the shard index where the weights are sharded (what an error names)."""
+    index = path / WEIGHTS_INDEX_FILE
+    return index if index.is_file() and not (path / WEIGHTS_FILE).is_file() else path / WEIGHTS_FILE
 
 
 def backbone_folder(info: CheckpointInfo) -> Path | None:
@@ -123,8 +129,9 @@ def _load_n1d6(info: CheckpointInfo, spec: Any, sources: BackboneSources, dtype:
         raise CheckpointError(str(exc)) from None
     try:
         model = load_model(info.path, config, backbone, dtype=dtype, device=device)
-    except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
-        raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - name the file whatever safetensors or torch raised
+        raise CheckpointError(f"checkpoint {weights_path(info.path)}: cannot load the weights "
+                              f"({type(exc).__name__}: {exc})") from None
     tokenizer, template = sources.load_tokenizer()
     processor = Gr00tN1d6Processor(spec, info.processor_kwargs, config, backbone, tokenizer, template,
                                    where=str(info.path / "processor_config.json"))
@@ -282,15 +289,24 @@ class NativePolicy(BasePolicy):
         gen.manual_seed(int(seed))
         return torch.randn((batch_size, *self.noise_shape), generator=gen, dtype=torch.float32)
 
+    def _states(self, observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([np.asarray(o["state"][k], dtype=np.float32) for o in observations], axis=0)
+                for k in self.spec.state_keys}
+
+    def normalized_actions(self, observation: dict[str, Any], noise: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The model's normalised actions (B, action_horizon, max_action_dim), float32 on the CPU, for one
+        observation and its initial noise: what the precision tolerances are stated on."""
+        clean, _ = self._prepare_observation(observation)
+        inputs = self.processor.collate([clean], self._states([clean]), device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            return self.model(**inputs, noise=torch.as_tensor(noise, dtype=torch.float32).to(self.device)).cpu()
+
     def _infer(
         self, observations: list[dict[str, Any]], options: list[dict[str, Any]], sizes: list[int]
     ) -> list[dict[str, np.ndarray]]:
         noise = torch.cat([self._noise(b, o) for b, o in zip(sizes, options)], dim=0)
         n = noise.shape[0]
-        states = {
-            k: np.concatenate([np.asarray(o["state"][k], dtype=np.float32) for o in observations], axis=0)
-            for k in self.spec.state_keys
-        }
+        states = self._states(observations)
         fixed = self.compile != "none"
         inputs = self.processor.collate(observations, states, device=self.device, dtype=self.dtype,
                                         length_multiple=COMPILED_TEXT_MULTIPLE if fixed else 1)

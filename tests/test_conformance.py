@@ -88,7 +88,7 @@ def g1_one_camera_checkpoint(tiny_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("conformance") / "tiny"
     shutil.copytree(tiny_checkpoint, path)
     config = json.loads((path / "processor_config.json").read_text())
-    config["embodiments"]["unitree_g1"]["modality_configs"]["video"]["modality_keys"] = ["ego_view"]
+    config["processor_kwargs"]["modality_configs"]["unitree_g1"]["video"]["modality_keys"] = ["ego_view"]
     (path / "processor_config.json").write_text(json.dumps(config))
     return path
 

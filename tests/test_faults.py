@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -211,10 +212,7 @@ def test_checkpoints_that_cannot_load_fail_the_deployment_naming_path_and_cause(
     _, _, module_app = faults_fleet
     no_config, corrupt = tmp_path / "no_config_json", tmp_path / "corrupt_safetensors"
     for ckpt in (no_config, corrupt):
-        ckpt.mkdir()
-        for f in Path(tiny_checkpoint).iterdir():
-            if f.is_file():
-                (ckpt / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(tiny_checkpoint, ckpt)
     (no_config / "config.json").unlink()
     weights = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" + weights[len(weights) // 3: len(weights) // 2])

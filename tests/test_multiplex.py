@@ -239,7 +239,7 @@ def test_model_of_another_layout_is_a_config_error(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, tmp_path / "relayout")
     pc_path = tmp_path / "relayout" / "processor_config.json"
     pc = json.loads(pc_path.read_text())
-    pc["embodiments"]["gr1"]["modality_configs"]["state"]["modality_keys"] = ["joints"]
+    pc["processor_kwargs"]["modality_configs"]["gr1"]["state"]["modality_keys"] = ["joints"]
     pc_path.write_text(json.dumps(pc))
     args["embodiments"]["gr1"]["models"] = {"ft": {"checkpoint": str(tmp_path / "relayout")}}
     with pytest.raises(ValidationError, match=r"embodiments.gr1.models.ft: its 'state' modality layout differs"):

@@ -413,7 +413,7 @@ def test_broken_checkpoints_name_the_file(tiny_checkpoint, tmp_path):
 
     c = _copy(tiny_checkpoint, tmp_path / "bad_weights")
     (c / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match=r"checkpoint .*bad_weights: cannot load the weights"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*bad_weights/model.safetensors: cannot load the weights"):
         load_policy(c, "gr1")
 
     c = _copy(tiny_checkpoint, tmp_path / "no_tokenizer")
