@@ -89,9 +89,12 @@ class BasePolicy(abc.ABC):
     ) -> list[dict[str, np.ndarray]]:
         """Actions for already validated observations (one forward pass for all of them), one dict per request."""
 
-    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
-        """Checks of a request's options that need the model (e.g. the shape of options.noise); raises
-        PolicyInputError. Runs per request, before the batch's forward pass."""
+    def prepare_request_options(self, options: dict[str, Any], batch_size: int, observation: Any,
+                                clean: dict[str, Any]) -> dict[str, Any]:
+        """A request's options checked against the model (e.g. the shape of options.noise) and parsed for
+        `_infer` (``observation``: as the request sent it; ``clean``: validated). Raises PolicyInputError. Runs
+        per request, before the batch's forward pass."""
+        return options
 
     @property
     def state_dims(self) -> dict[str, int] | None:
@@ -134,7 +137,7 @@ class BasePolicy(abc.ABC):
                 obs, opts = self._split_request(req, i)
                 opts = validate_options(opts)
                 clean, b = self._prepare_observation(obs)
-                self.check_request_options(opts, b)
+                opts = self.prepare_request_options(opts, b, obs, clean)
                 valid.append((i, clean, opts, b))
             except Exception as exc:  # noqa: BLE001 - isolate the request when asked to
                 if not return_exceptions:

@@ -359,10 +359,13 @@ class FlowMatchingActionHead(nn.Module):
         return self.action_decoder(out, embodiment)[:, -h:]
 
     def sample(self, vl_embeds: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, state: torch.Tensor,
-               embodiment: int | torch.Tensor, noise: torch.Tensor, trace: dict[str, Any] | None = None) -> torch.Tensor:
+               embodiment: int | torch.Tensor, noise: torch.Tensor, trace: dict[str, Any] | None = None,
+               update_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Euler integration from ``noise`` (float32, (B, action_horizon, max_action_dim)) to the normalised
         actions (float32, same shape). ``vl_embeds``: the VL features after ``vlln`` (and N1.7's VL
         self-attention); ``valid`` / ``image``: (B, S) bool masks; ``state``: (B, T_s, max_state_dim).
+        ``update_weights``: (B, action_horizon, 1) factors of each row's updates (real-time chunking: 0 keeps a
+        row as ``noise`` holds it, see policy.rtc); None is 1 everywhere.
         ``trace``: when given, filled with every step's tensors (for the parity tests)."""
         dtype, device = vl_embeds.dtype, vl_embeds.device
         state_tokens = self.state_encoder(state.to(dtype), embodiment)
@@ -377,7 +380,7 @@ class FlowMatchingActionHead(nn.Module):
             if trace is not None:
                 trace[f"step{k}.actions_in"] = x
                 trace[f"step{k}.velocity"] = v
-            x = x + dt * v
+            x = x + dt * (v if update_weights is None else v * update_weights)
         return x
 
 

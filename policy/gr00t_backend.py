@@ -290,7 +290,10 @@ class Gr00tBackendPolicy(BasePolicy):
         }
 
     # ---- inference -------------------------------------------------------------------------------------------------
-    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
+    def prepare_request_options(self, options: dict[str, Any], batch_size: int, observation: Any,
+                                clean: dict[str, Any]) -> dict[str, Any]:
+        if options.get("rtc") is not None or options.get("rtc_frozen_steps") is not None:
+            raise PolicyInputError("options.rtc: real-time chunking runs on the native backend, not backend='gr00t'")
         noise = options.get("noise")
         want = (batch_size, *self.noise_shape)
         if noise is not None and (not isinstance(noise, np.ndarray) or noise.dtype != np.float32 or noise.shape != want):
@@ -298,6 +301,7 @@ class Gr00tBackendPolicy(BasePolicy):
             raise PolicyInputError(
                 f"options.noise: expected float32 array of shape {want} (B, action_horizon, max_action_dim), got {got}"
             )
+        return options
 
     def _noise(self, batch_size: int, options: dict[str, Any]):
         import torch

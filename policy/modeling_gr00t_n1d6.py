@@ -341,7 +341,7 @@ class Gr00tN1d6(nn.Module):
 
     def forward(self, images: list[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 state: torch.Tensor, embodiment_id: int | torch.Tensor, noise: torch.Tensor,
-                trace: dict | None = None) -> torch.Tensor:
+                trace: dict | None = None, update_weights: torch.Tensor | None = None) -> torch.Tensor:
         valid = attention_mask.bool()
         image = input_ids == self.backbone_config.image_token_index
         features = self.backbone.model(images, input_ids, valid, trace)
@@ -351,7 +351,7 @@ class Gr00tN1d6(nn.Module):
         if trace is not None:
             trace["backbone.backbone_features"] = features
             trace["action_head.vl_embeds"] = vl
-        return self.action_head.sample(vl, valid, image, state, embodiment_id, noise, trace)
+        return self.action_head.sample(vl, valid, image, state, embodiment_id, noise, trace, update_weights)
 
     @torch.inference_mode()
     def get_action(self, images, input_ids, attention_mask, state, embodiment_id, noise) -> torch.Tensor:

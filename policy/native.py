@@ -32,6 +32,7 @@ from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
 from .checkpoint import N1D6, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointError, CheckpointInfo, read_checkpoint
 from .embodiment import resolve_tag
 from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward
+from .rtc import parse_rtc, update_weights
 from .tokenization import TOKENIZER_HINT, has_tokenizer, load_chat_template, load_tokenizer
 
 _DTYPES = {
@@ -43,6 +44,7 @@ _DTYPES = {
 BATCH_INVARIANCE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 # Prompt lengths are rounded up to this under compiled execution: few shapes, few compilations.
 COMPILED_TEXT_MULTIPLE = 64
+RTC_OPTION = "_rtc"  # where prepare_request_options leaves a request's parsed RTC for _infer
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -266,18 +268,21 @@ class NativePolicy(BasePolicy):
             "model": model,
         }
 
-    def check_request_options(self, options: dict[str, Any], batch_size: int) -> None:
+    def prepare_request_options(self, options: dict[str, Any], batch_size: int, observation: Any,
+                                clean: dict[str, Any]) -> dict[str, Any]:
         noise = options.get("noise")
-        if noise is None:
-            return
-        want = (batch_size, *self.noise_shape)
-        if not isinstance(noise, np.ndarray) or noise.dtype != np.float32 or noise.shape != want:
-            got = f"{noise.dtype} {noise.shape}" if isinstance(noise, np.ndarray) else type(noise).__name__
-            raise PolicyInputError(
-                f"options.noise: expected float32 array of shape {want} (B, action_horizon, max_action_dim), got {got}"
-            )
-        if not np.isfinite(noise).all():
-            raise PolicyInputError("options.noise: expected finite values")
+        if noise is not None:
+            want = (batch_size, *self.noise_shape)
+            if not isinstance(noise, np.ndarray) or noise.dtype != np.float32 or noise.shape != want:
+                got = f"{noise.dtype} {noise.shape}" if isinstance(noise, np.ndarray) else type(noise).__name__
+                raise PolicyInputError(
+                    f"options.noise: expected float32 array of shape {want} (B, action_horizon, max_action_dim), got {got}"
+                )
+            if not np.isfinite(noise).all():
+                raise PolicyInputError("options.noise: expected finite values")
+        rtc = parse_rtc(options, observation, batch_size, self.processor.codec, self._states([clean]),
+                        self.spec.action_horizon)
+        return {**options, RTC_OPTION: rtc} if rtc is not None else options
 
     def _noise(self, batch_size: int, options: dict[str, Any]) -> torch.Tensor:
         if options.get("noise") is not None:
@@ -301,16 +306,35 @@ class NativePolicy(BasePolicy):
         with torch.inference_mode():
             return self.model(**inputs, noise=torch.as_tensor(noise, dtype=torch.float32).to(self.device)).cpu()
 
+    def _initial_state(self, sizes: list[int], options: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x0 of the whole batch and, where any request chunks in real time, the per-row update weights."""
+        noise = [self._noise(b, o) for b, o in zip(sizes, options)]
+        if not any(RTC_OPTION in o for o in options):
+            return torch.cat(noise), None
+        horizon = self.noise_shape[0]
+        weights = []
+        for x, b, o in zip(noise, sizes, options):
+            rtc = o.get(RTC_OPTION)
+            if rtc is None:
+                weights.append(torch.ones(b, horizon, 1))
+                continue
+            x[:, : rtc.overlap, : rtc.prefix.shape[2]] = torch.from_numpy(rtc.prefix)
+            x[:, : rtc.overlap, rtc.prefix.shape[2]:] = 0.0  # padded dims start from zero, as upstream's prefix
+            weights.append(update_weights(horizon, rtc.frozen, rtc.overlap, rtc.ramp_rate)[None, :, None].expand(b, -1, -1))
+        return torch.cat(noise), torch.cat(weights)
+
     def _infer(
         self, observations: list[dict[str, Any]], options: list[dict[str, Any]], sizes: list[int]
     ) -> list[dict[str, np.ndarray]]:
-        noise = torch.cat([self._noise(b, o) for b, o in zip(sizes, options)], dim=0)
+        noise, weights = self._initial_state(sizes, options)
         n = noise.shape[0]
         states = self._states(observations)
         fixed = self.compile != "none"
         inputs = self.processor.collate(observations, states, device=self.device, dtype=self.dtype,
                                         length_multiple=COMPILED_TEXT_MULTIPLE if fixed else 1)
         inputs["noise"] = noise.to(self.device)
+        if weights is not None:
+            inputs["update_weights"] = weights.to(self.device)
         if fixed:  # one shape per bucket: the compiled graph (or CUDA graph) is reused
             inputs = self.processor.pad_rows(inputs, n, bucket_for(n, self.batch_buckets))
         with torch.inference_mode():
@@ -318,8 +342,13 @@ class NativePolicy(BasePolicy):
         actions = self.processor.decode_actions(normalized, states)
         out: list[dict[str, np.ndarray]] = []
         start = 0
-        for b in sizes:
-            out.append({k: np.ascontiguousarray(v[start : start + b]) for k, v in actions.items()})
+        for b, o in zip(sizes, options):
+            mine = {k: np.ascontiguousarray(v[start : start + b]) for k, v in actions.items()}
+            rtc = o.get(RTC_OPTION)
+            if rtc is not None and rtc.exact_rows is not None:  # the frozen rows run anyway: exactly as given
+                for k, rows in rtc.exact_rows.items():
+                    mine[k][:, : rows.shape[1]] = rows
+            out.append(mine)
             start += b
         return out
 

@@ -204,8 +204,9 @@ class Gr00tN1d6Processor:
             extra = sum(g.shape[0] for g in groups) // n * (rows - n)
             groups[-1] = pad_rows(groups[-1], groups[-1].shape[0] + extra)
         out["images"] = groups
-        for k in ("input_ids", "attention_mask", "state", "noise"):
-            out[k] = pad_rows(inputs[k], rows)
+        for k in ("input_ids", "attention_mask", "state", "noise", "update_weights"):
+            if k in inputs:
+                out[k] = pad_rows(inputs[k], rows)
         return out
 
     def model_image_size(self) -> tuple[int, int]:

@@ -304,9 +304,10 @@ class StateActionCodec:
         return out
 
     def normalize_actions(self, actions: Mapping[str, np.ndarray], states: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Physical {key: (N, H, D)} -> normalised (N, H, action_dim) (absolute keys only: RTC's previous chunk
-        of joint-space relative keys is re-anchored by the caller). The inverse of :meth:`decode_actions` on the
-        clip range."""
+        """Physical {key: (N, n, D)} (row j: step j of a chunk) -> normalised (N, n, action_dim), as NVIDIA's
+        processor normalises actions: relative keys taken relative to the last raw state of their state key
+        (re-anchored on the current state), clipped to [-1, 1] with ``clip_outliers``. The inverse of
+        :meth:`decode_actions` inside the clip range."""
         parts = []
         for ak in self._actions:
             x = np.asarray(actions[ak.key], dtype=np.float64)
@@ -324,6 +325,7 @@ class StateActionCodec:
                 span = hi - lo
                 ok = ~np.isclose(hi, lo)
                 y = np.where(ok, 2.0 * (x - lo) / np.where(ok, span, 1.0) - 1.0, 0.0)
+            if self.clip_outliers:
                 y = np.clip(y, -1.0, 1.0)
             parts.append(y.astype(np.float32))
         return np.concatenate(parts, axis=-1)
