@@ -1,5 +1,6 @@
 """What a robot installs (`pip install ./clients`; numpy, pyzmq, msgpack only): the GR00T-compatible policy client,
-the wire protocol (`clients.protocol`) and its codec (`clients.codec`).
+the chunk executor (`clients.ChunkExecutor`: a control loop that asks for the next chunk in time, with real-time
+chunking), the wire protocol (`clients.protocol`) and its codec (`clients.codec`).
 
 The client and codec load on first use (PEP 562), so that ``clients.modality`` and ``clients.protocol`` -- which the
 server's policy package shares -- import without pyzmq or msgpack (bench/gpu_check.py runs on a bare PyTorch machine).
@@ -9,6 +10,7 @@ from .modality import ActionConfig, ActionFormat, ActionRepresentation, ActionTy
 from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, RequestError, to_flat, to_nested
 
 _LAZY = {
+    "ChunkExecutor": "chunk_executor",
     "PolicyClient": "client",
     "PolicyServerError": "client",
     "PolicyTimeoutError": "client",
@@ -25,6 +27,7 @@ __all__ = [
     "ActionRepresentation",
     "ActionType",
     "ArrayEncoding",
+    "ChunkExecutor",
     "CodecError",
     "DecodeLimits",
     "ErrorKind",
