@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -82,6 +83,7 @@ class ChunkExecutor:
             self._pool = None
         self._submit = submit
         self.stats = ExecutorStats()
+        self._round_trips: deque[float] = deque(maxlen=20)  # what the delay prediction reads (kept over resets)
         self._chunk: dict[str, np.ndarray] | None = None  # {key: (H, D)}
         self._chunk_obs_time = 0.0
         self._index = 0  # next step of the current chunk
@@ -104,9 +106,9 @@ class ChunkExecutor:
 
     def _delay_steps(self) -> int:
         """Steps that will run before a request sent now is answered (from the median round trip so far)."""
-        if not self.stats.round_trip_ms:
+        if not self._round_trips:
             return 0
-        rt = float(np.median(self.stats.round_trip_ms[-20:]))
+        rt = float(np.median(self._round_trips))
         return int(math.ceil(rt / 1000.0 * self.control_hz))
 
     def _request(self) -> None:
@@ -142,6 +144,7 @@ class ChunkExecutor:
             self.stats.failures += 1
             return
         self.stats.round_trip_ms.append(rt_ms)
+        self._round_trips.append(rt_ms)
         self.stats.chunks += 1
         chunk = {k: np.asarray(v)[0] for k, v in action.items()}
         ran = self._tick - self._pending_tick if self.mode == "async" else 0
@@ -202,6 +205,11 @@ class ChunkExecutor:
         if self._pending is not None:
             self._pending.cancel()
         return self.stats
+
+    def reset_stats(self) -> ExecutorStats:
+        """Start counting afresh (after a warm-up); the delay prediction keeps what it has measured."""
+        old, self.stats = self.stats, ExecutorStats(chunks=1 if self.stats.chunks else 0)
+        return old
 
     def stop(self) -> None:
         self._stop.set()

@@ -140,3 +140,13 @@ def test_arguments_are_checked():
         ChunkExecutor(None, dict, control_hz=0)
     with pytest.raises(ValueError, match="mode"):
         ChunkExecutor(None, dict, control_hz=30, mode="later")
+
+
+def test_loop_smoothness_metric_sees_a_jump_at_a_switch_and_none_without():
+    from bench.loop import smoothness
+
+    steps = [{"a": np.array([np.sin(0.2 * t)])} for t in range(40)]
+    assert max(smoothness(steps, [20])["jump"]) <= 1.0  # switching as smooth as stepping
+    jumped = steps[:20] + [{"a": np.array([5.0 + np.sin(0.2 * t)])} for t in range(20, 40)]
+    assert smoothness(jumped, [20])["jump"][0] > 100
+    assert smoothness(jumped, [20])["jerk"][0] > 100
