@@ -279,6 +279,11 @@ class Gr00tN1d6Config:
     use_relative_action: bool = False
     dit: DiTConfig = field(default_factory=lambda: DiTConfig.from_dict(N1D6_DIFFUSION_MODEL_CFG, "diffusion_model_cfg"))
 
+    @property
+    def state_input_dim(self) -> int:
+        """Width of the state encoder's input (N1.6: one normalised state step per token)."""
+        return self.max_state_dim
+
     @classmethod
     def from_checkpoint_dict(cls, data: Mapping[str, Any], where: str = "config.json") -> "Gr00tN1d6Config":
         if data.get("model_type") not in (None, MODEL_TYPE):
