@@ -9,10 +9,10 @@ import shutil
 from typing import Any
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
-from .checkpoint import N1D6, check_directory, read_json
+from .checkpoint import N1D6, N1D7, check_directory, read_json
 
 BACKENDS = ("native", "gr00t", "auto")
-NATIVE_MODEL_TYPES = (N1D6,)
+NATIVE_MODEL_TYPES = (N1D6, N1D7)
 logger = logging.getLogger(__name__)
 
 
