@@ -26,6 +26,7 @@ pytest.importorskip("cv2", reason="GR00T N1.7's image recipe needs opencv-python
 
 from safetensors.torch import load_file  # noqa: E402
 
+from policy import load_policy  # noqa: E402
 from policy.modeling_gr00t_n1d7 import (  # noqa: E402
     COSMOS_REASON2_2B,
     Gr00tN17Backbone,
@@ -135,6 +136,10 @@ def outputs(backbone, prestage, inputs) -> dict:
                 "vl_embeds": prestage(features, valid),
             }
     return out
+
+
+def noise(name: str) -> np.ndarray:
+    return load_file(FIXTURES / "inputs" / f"noise_{name}.safetensors")["noise"].numpy()
 
 
 def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -331,3 +336,146 @@ def test_weight_errors_name_the_tensor(model_config, tensors):
     bad["action_head.vlln.weight"] = torch.zeros(3)
     with pytest.raises(N17ModelError, match=r"action_head\.vlln\.weight: expected shape \(64,\), got \(3,\)"):
         load_prestage_weights(Gr00tN17VLPreStage.from_model_config(model_config), bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model through NativePolicy: state, flow matching, actions. Each sample against its run ALONE.
+# ----------------------------------------------------------------------------------------------------------------
+
+ACTION_KEYS = ("arm", "gripper")
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    """The fixture checkpoint as a replica serves it (backend native, cpu, float32, the tokenizer dir given)."""
+    return load_policy(CHECKPOINT, TAG, device="cpu", dtype="float32", tokenizer=TOKENIZER, backbone_config=TOKENIZER,
+                       warmup=False)
+
+
+def alone(refs, stage: str, axis: int = 0) -> np.ndarray:
+    """A reference stage of the B=2 call as each sample gives it ALONE: sample 0 from `ref_b1` (upstream's batched
+    sample 0 saw its batch-mate's pads), sample 1 from `ref_main` (no pads: upstream's batched answer is its own)."""
+    return np.concatenate([np.take(refs["b1"][stage], [0], axis=axis), np.take(refs["main"][stage], [1], axis=axis)],
+                          axis=axis)
+
+
+def expected(refs, name: str, stage: str, axis: int = 0) -> np.ndarray:
+    return alone(refs, stage, axis) if name == "main" else refs["b1"][stage]
+
+
+@pytest.fixture(scope="module")
+def traces(fp32) -> dict:
+    """Every stage of our forward pass on the reference's observations and noise."""
+    out = {}
+    for name in CASES:
+        obs = nested_observation(name)
+        canonical = {**obs, "language": {LANGUAGE_KEY: [t[0] for t in obs["language"][LANGUAGE_KEY]]}}
+        inputs = fp32.processor.collate([canonical], obs["state"], device=torch.device("cpu"), dtype=torch.float32)
+        trace: dict = {"inputs": inputs}
+        with torch.inference_mode():
+            trace["action_pred"] = fp32.model(**inputs, noise=torch.from_numpy(noise(name)), trace=trace)
+        out[name] = trace
+    return out
+
+
+def test_loads_natively_with_the_fixture_config(fp32, model_config):
+    from policy.loading import NATIVE_MODEL_TYPES
+    from policy.native import LOADERS
+
+    assert "Gr00tN1d7" in LOADERS and "Gr00tN1d7" in NATIVE_MODEL_TYPES
+    cfg = fp32.model.config
+    assert (cfg.action_horizon, cfg.max_action_dim, cfg.num_inference_timesteps) == (16, 16, 4)
+    assert cfg.vl_self_attention.num_layers == 1 and cfg.dit.num_layers == 4 and cfg.rtc_ramp_rate == 6.0
+    assert fp32.describe()["noise_shape"] == [16, 16] and fp32.describe()["model"]["model_type"] == "Gr00tN1d7"
+    # Decoder layers above select_layer and the final norm are not built (the checkpoint holds only the kept ones).
+    assert len(fp32.model.qwen.language_model.layers) == model_config["select_layer"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_normalised_state_and_embodiment(traces, refs, name):
+    inputs = traces[name]["inputs"]
+    assert max_diff(inputs["state"], refs[name]["proc.state"]) <= 1e-6
+    assert inputs["embodiment_id"] == int(refs[name]["proc.embodiment_id"][0]) == 10
+    np.testing.assert_array_equal(inputs["input_ids"].numpy(), refs[name]["proc.input_ids"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_state_features(traces, refs, name):
+    assert max_diff(traces[name]["state_features"], expected(refs, name, "head.state_features")) <= 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_denoising_step_per_sample(traces, refs, name):
+    t = traces[name]
+    for k in range(4):
+        # denoise.* are (step, B, ...): the batch is axis 1.
+        assert max_diff(t[f"step{k}.actions_in"], expected(refs, name, "denoise.x_t", axis=1)[k]) <= 1e-4
+        assert max_diff(t[f"step{k}.velocity"], expected(refs, name, "denoise.velocity", axis=1)[k]) <= 1e-4
+
+
+def test_discretised_timesteps(fp32, refs):
+    head = fp32.model.action_head
+    n, buckets = head.config.num_inference_timesteps, head.config.num_timestep_buckets
+    assert [int(k / n * buckets) for k in range(n)] == refs["main"]["denoise.timestep"][:, 0].tolist() == [0, 250, 500, 750]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_action_pred_and_action_chunk(traces, refs, name):
+    pred = traces[name]["action_pred"]
+    assert pred.dtype == torch.float32 and tuple(pred.shape) == refs[name]["action_pred"].shape
+    assert max_diff(pred, expected(refs, name, "action_pred")) <= 1e-4
+    chunk = expected(refs, name, "action_chunk")  # valid rows, env dims, still normalised (not clipped)
+    assert max_diff(pred[:, : chunk.shape[1], : chunk.shape[2]], chunk) <= 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decoded_actions_through_get_action_with_options_noise(fp32, refs, name):
+    action, _ = fp32.get_action(nested_observation(name), {"noise": noise(name)})
+    assert set(action) == set(ACTION_KEYS)
+    for key in ACTION_KEYS:
+        assert action[key].dtype == np.float32
+        assert max_diff(action[key], expected(refs, name, f"action.{key}")) <= 1e-4
+    decoded = np.concatenate([action[k] for k in ACTION_KEYS], axis=-1)
+    assert max_diff(decoded, expected(refs, name, "action_decoded")) <= 1e-4
+
+
+def test_upstream_batched_actions_differ_from_alone_so_the_mask_matters(refs):
+    # What upstream gives the left-padded sample 0 in a batch is not its answer alone (0.09 here).
+    assert max_diff(refs["main"]["action_decoded"][0], refs["b1"]["action_decoded"][0]) > 0.05
+
+
+def test_each_sample_of_a_batch_equals_its_run_alone(fp32):
+    from policy.native import BATCH_INVARIANCE_ATOL
+
+    main, b1 = nested_observation("main"), nested_observation("b1")
+    # Three samples in one forward pass: the lone sample 0, then the B=2 request (sample 0 again, padded now).
+    together = fp32.get_actions([(b1, {"noise": noise("b1")}), (main, {"noise": noise("main")})])
+    lone_0 = fp32.get_action(b1, {"noise": noise("b1")})[0]
+    lone_1 = fp32.get_action(
+        {"video": {k: v[1:] for k, v in main["video"].items()}, "state": {k: v[1:] for k, v in main["state"].items()},
+         "language": {LANGUAGE_KEY: main["language"][LANGUAGE_KEY][1:]}},
+        {"noise": noise("main")[1:]},
+    )[0]
+    tol = BATCH_INVARIANCE_ATOL[torch.float32]
+    for key in ACTION_KEYS:
+        assert max_diff(together[0][0][key], lone_0[key]) <= tol
+        assert max_diff(together[1][0][key][0], lone_0[key][0]) <= tol
+        assert max_diff(together[1][0][key][1], lone_1[key][0]) <= tol
+
+
+def test_fixed_shapes_for_compiled_execution_change_no_answer(fp32, traces):
+    """Prompts padded to a multiple of 64 and rows repeated to a bucket (what compiled modes run) give the same
+    normalised actions for the real rows."""
+    obs = nested_observation("main")
+    canonical = {**obs, "language": {LANGUAGE_KEY: [t[0] for t in obs["language"][LANGUAGE_KEY]]}}
+    inputs = fp32.processor.collate([canonical], obs["state"], device=torch.device("cpu"), dtype=torch.float32,
+                                    length_multiple=64)
+    assert inputs["input_ids"].shape[1] == 64
+    inputs["noise"] = torch.from_numpy(noise("main"))
+    padded = fp32.processor.pad_rows(inputs, 2, 4)
+    assert padded["image_grid_thw"].shape[0] == 8 and padded["position_ids"].shape[1] == 4
+    with torch.inference_mode():
+        out = fp32.model(**padded)
+    assert out.shape[0] == 4
+    assert max_diff(out[:2], traces["main"]["action_pred"]) <= 1e-5
+    assert max_diff(out[3], out[1]) <= 1e-5
