@@ -479,3 +479,32 @@ def test_fixed_shapes_for_compiled_execution_change_no_answer(fp32, traces):
     assert out.shape[0] == 4
     assert max_diff(out[:2], traces["main"]["action_pred"]) <= 1e-5
     assert max_diff(out[3], out[1]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Served: a real Serve app on the fixture checkpoint, a real ZMQ client (one app start)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_serve_app_answers_each_sample_as_its_reference_run_alone(ray_session, refs):
+    from ray import serve
+
+    from clients import PolicyClient
+    from conftest import app_entry, deploy_config, free_port
+
+    port = free_port()
+    app = app_entry("n17-parity", CHECKPOINT, {TAG: port}, embodiments={TAG: {
+        "device": "cpu", "dtype": "float32", "tokenizer": str(TOKENIZER), "backbone_config": str(TOKENIZER),
+    }})
+    deploy_config([app])
+    try:
+        with PolicyClient("127.0.0.1", port, timeout_ms=120_000) as client:
+            info = client.info()["embodiments"][TAG]
+            assert info["model"]["model_type"] == "Gr00tN1d7" and info["model"]["dtype"] == "float32"
+            action, action_info = client.get_action(nested_observation("main"), {"noise": noise("main")})
+    finally:
+        serve.delete("n17-parity")
+    assert action_info["server"]["batch_size"] >= 2
+    for key in ACTION_KEYS:
+        assert action[key].shape == (2, 16, refs["main"][f"action.{key}"].shape[-1])
+        assert max_diff(action[key], alone(refs, f"action.{key}")) <= 1e-4
