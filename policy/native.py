@@ -145,21 +145,21 @@ def _load_n1d7(info: CheckpointInfo, spec: Any, sources: BackboneSources, dtype:
             f"checkpoint {info.path}: GR00T N1.7 needs its Qwen3-VL processor folder (tokenizer.json, chat template, "
             f"{PREPROCESSOR_FILE}; `tokenizer:`), found {folder or 'none'}"
         )
-    try:
+    if sources.config_file is None and (folder / "config.json").is_file():
+        # That folder is the Qwen3-VL processor folder: its config.json is the backbone's (as in NVIDIA's layout).
+        sources.config_file = folder / "config.json"
+    try:  # the JSON side first: a mismatch is named before seconds of weight loading
         config = Gr00tN1d7Config.from_checkpoint_dict(info.config, str(info.path / "config.json"))
-        backbone = read_backbone_config(sources.config_file) if sources.config_file else None
+        backbone = read_backbone_config(sources.config_file)
+        processor = Gr00tN1d7Processor(
+            spec, info.processor_kwargs, config, folder, tokenizer=sources.tokenizer,
+            image_token_id=backbone.get("image_token_id"), where=str(info.path / "processor_config.json"),
+        )
         model = load_model(info.path, config, backbone, dtype=dtype, device=device)
-    except (ConfigError, N17ModelError) as exc:
+    except (ConfigError, N17ModelError, N17InputError) as exc:
         raise CheckpointError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
         raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
-    try:
-        processor = Gr00tN1d7Processor(
-            spec, info.processor_kwargs, config, folder, tokenizer=sources.tokenizer,
-            image_token_id=model.qwen.image_token_id, where=str(info.path / "processor_config.json"),
-        )
-    except N17InputError as exc:
-        raise CheckpointError(str(exc)) from None
     return model, processor
 
 
