@@ -17,22 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .configuration_gr00t_n1d6 import ConfigError, DiTConfig, _fields_from
+from .configuration_gr00t_n1d6 import (
+    HEAD_SIZES,
+    N1D6_DIFFUSION_MODEL_CFG,
+    ConfigError,
+    DiTConfig,
+    _fields_from,
+    check_head_fields,
+)
 
 MODEL_TYPE = "Gr00tN1d7"
 DEFAULT_BACKBONE = "nvidia/Cosmos-Reason2-2B"
 
-N1D7_DIFFUSION_MODEL_CFG: dict[str, Any] = {
-    "positional_embeddings": None,
-    "num_layers": 32,
-    "num_attention_heads": 32,
-    "attention_head_dim": 48,
-    "norm_type": "ada_norm",
-    "dropout": 0.2,
-    "final_dropout": True,
-    "output_dim": 1024,
-    "interleave_self_attention": True,
-}
+# N1.7's DiT has N1.6's shape (32 alternate-VL blocks of 32 heads x 48, output 1024).
+N1D7_DIFFUSION_MODEL_CFG: dict[str, Any] = dict(N1D6_DIFFUSION_MODEL_CFG)
 
 N1D7_VL_SELF_ATTENTION_CFG: dict[str, Any] = {
     "positional_embeddings": None,
@@ -139,26 +137,9 @@ class Gr00tN1d7Config:
         return cfg
 
     def check(self, where: str) -> None:
-        for name in ("select_layer", "backbone_embedding_dim", "max_state_dim", "max_action_dim", "action_horizon",
-                     "hidden_size", "input_embedding_dim", "state_history_length", "num_inference_timesteps",
-                     "num_timestep_buckets", "max_num_embodiments"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: expected a positive int, got {getattr(self, name)}")
+        check_head_fields(self, where, (*HEAD_SIZES, "state_history_length", "num_timestep_buckets"))
         if self.backbone_model_type != "qwen":
             raise ConfigError(f"{where}.backbone_model_type: expected 'qwen' (Qwen3-VL), got {self.backbone_model_type!r}")
-        if self.dit.inner_dim != self.input_embedding_dim:
-            raise ConfigError(
-                f"{where}: the DiT's width (num_attention_heads x attention_head_dim = {self.dit.inner_dim}) must equal "
-                f"input_embedding_dim {self.input_embedding_dim}"
-            )
-        if self.dit.output_dim != self.hidden_size:
-            raise ConfigError(f"{where}: diffusion_model_cfg.output_dim {self.dit.output_dim} != hidden_size {self.hidden_size}")
-        if self.add_pos_embed and self.action_horizon > self.max_seq_len:
-            raise ConfigError(f"{where}: action_horizon {self.action_horizon} > max_seq_len {self.max_seq_len}")
-        if self.use_alternate_vl_dit and not self.dit.interleave_self_attention:
-            raise ConfigError(f"{where}: use_alternate_vl_dit needs diffusion_model_cfg.interleave_self_attention")
-        if self.attend_text_every_n_blocks < 1:
-            raise ConfigError(f"{where}.attend_text_every_n_blocks: expected >= 1")
         vsa = self.vl_self_attention
         if vsa.num_layers and vsa.inner_dim != self.backbone_embedding_dim:
             raise ConfigError(

@@ -795,17 +795,7 @@ class Gr00tN1d7Processor:
                 f"max_action_horizon {kw['max_action_horizon']}"
             )
         self.exclude_state = bool(kw["exclude_state"]) or bool(mc["state"].extra.get("exclude_state", False))
-        self.codec = StateActionCodec(
-            spec,
-            max_state_dim=config.max_state_dim,
-            max_action_dim=config.max_action_dim,
-            model_action_horizon=config.action_horizon,
-            use_percentiles=bool(kw["use_percentiles"]),
-            clip_outliers=bool(kw["clip_outliers"]),
-            apply_sincos_state_encoding=bool(kw["apply_sincos_state_encoding"]),
-            use_relative_action=bool(kw["use_relative_action"]),
-            where=where,
-        )
+        self.codec = StateActionCodec.from_processor_kwargs(spec, kw, config, where)
         self.vl = Gr00tN17VLProcessor.from_processor_config(tokenizer_dir, kw, spec.tag, tokenizer=tokenizer)
         if image_token_id is not None and self.vl.image_token_id != int(image_token_id):
             raise N17InputError(
