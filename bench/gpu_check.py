@@ -180,10 +180,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             pol.set_compile(mode, batch_buckets=tuple(batches))
             rows = []
-            for b in batches:
-                if over_budget(f"{mode} B={b}"):
-                    break
-                rows.append(_latency(pol, b, args.iters, warm=2 if mode == "none" else 3))
+            try:
+                for b in batches:
+                    if over_budget(f"{mode} B={b}"):
+                        break
+                    rows.append(_latency(pol, b, args.iters, warm=2 if mode == "none" else 3))
+            except Exception as exc:  # noqa: BLE001 - a mode that fails (a compiler error) must not lose the rest
+                result.setdefault("errors", {})[mode] = f"{type(exc).__name__}: {str(exc)[:2000]}"
             result["latency"][mode] = rows
             result.setdefault("memory_after", {})[mode] = _memory(device)
         pol.set_compile("none")
