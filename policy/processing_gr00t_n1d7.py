@@ -20,7 +20,8 @@ Where NVIDIA's code and LeRobot's port differ we follow NVIDIA (the fixed-size r
 `shortest_image_edge` is null), except for an empty task, which becomes "Perform the task." as in LeRobot (NVIDIA
 would prompt with an empty string). NVIDIA's torchvision recipe (`use_albumentations: false`) is refused by name.
 
-State normalisation, embodiment ids and action decoding are shared with N1.6 and live elsewhere.
+`Gr00tN1d7Processor` is the whole per-embodiment processor NativePolicy calls: these stages, plus state
+normalisation and action decoding through the codec shared with N1.6 (policy.state_action).
 """
 
 from __future__ import annotations
