@@ -2,8 +2,9 @@
 invariance, the limit in samples/s -- one JSON file.
 
     python -m bench.gpu_check                               # n16-3b, bf16, cuda, --out gpu_check.json
+    python -m bench.gpu_check --preset n17-3b               # GR00T N1.7-3B's real dimensions (transformers >= 4.57)
     python -m bench.gpu_check --checkpoint DIR              # load a checkpoint instead of building one
-    python -m bench.gpu_check --device cpu --preset tiny    # the CI smoke test
+    python -m bench.gpu_check --device cpu --preset tiny    # the CI smoke tests (tiny, n17-small)
 
 Needs only what a PyTorch machine has: torch, transformers (4.53+), safetensors, tokenizers, numpy (no Ray, no
 ZMQ, no network). The demo checkpoint is built directly in bf16 on the device (never a float32 copy), written
@@ -97,16 +98,25 @@ def _latency(pol, batch: int, iters: int, warm: int) -> dict[str, Any]:
             "warmup_s": round(first_s, 2), "iters": iters}
 
 
+def _normalised_actions(pol, observations: list, noise: torch.Tensor) -> torch.Tensor:
+    """The model's normalised actions for single-sample observations, in one forward pass (as a replica runs a
+    batch: the processor's collate, then the model)."""
+    clean = [pol._prepare_observation(o)[0] for o in observations]
+    states = {k: np.concatenate([c["state"][k] for c in clean], axis=0) for k in pol.spec.state_keys}
+    inputs = pol.processor.collate(clean, states, device=pol.device, dtype=pol.dtype)
+    with torch.inference_mode():
+        return pol.model(**inputs, noise=noise.to(pol.device)).float().cpu()
+
+
 def _batch_invariance(pol, others: int = 7) -> dict[str, Any]:
-    """Max |difference| of normalised actions of one request alone vs inside a batch (same noise)."""
-    alone = pol.dummy_observation(1, seed=1000)
-    mixed = [pol.dummy_observation(1, seed=2000 + i) for i in range(others)]
-    obs_batch = mixed[:3] + [alone] + mixed[3:]
-    batch = {m: {k: (np.concatenate([o[m][k] for o in obs_batch]) if m != "language"
-                     else [t for o in obs_batch for t in o[m][k]]) for k in alone[m]} for m in alone}
-    single = pol.normalized_actions(alone, pol._noise(1, {"seed": 5}))[0]
+    """Max |difference| of normalised actions of one request alone vs inside a batch (same noise). The batch
+    mixes prompt lengths, so the request is left padded there (N1.7: its VL self-attention sees pad rows)."""
+    alone = pol.dummy_observation(1, seed=1000, text="pick up the cube")
+    mixed = [pol.dummy_observation(1, seed=2000 + i, text="pick up the " + "red " * (i + 1) + "cube")
+             for i in range(others)]
+    single = _normalised_actions(pol, [alone], pol._noise(1, {"seed": 5}))[0]
     big = torch.cat([pol._noise(3, {"seed": 6}), pol._noise(1, {"seed": 5}), pol._noise(others - 3, {"seed": 7})])
-    in_batch = pol.normalized_actions(batch, big)[3]
+    in_batch = _normalised_actions(pol, mixed[:3] + [alone] + mixed[3:], big)[3]
     from policy.native import BATCH_INVARIANCE_ATOL
 
     diff = float((in_batch - single).abs().max())
@@ -170,10 +180,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             pol.set_compile(mode, batch_buckets=tuple(batches))
             rows = []
-            for b in batches:
-                if over_budget(f"{mode} B={b}"):
-                    break
-                rows.append(_latency(pol, b, args.iters, warm=2 if mode == "none" else 3))
+            try:
+                for b in batches:
+                    if over_budget(f"{mode} B={b}"):
+                        break
+                    rows.append(_latency(pol, b, args.iters, warm=2 if mode == "none" else 3))
+            except Exception as exc:  # noqa: BLE001 - a mode that fails (a compiler error) must not lose the rest
+                result.setdefault("errors", {})[mode] = f"{type(exc).__name__}: {str(exc)[:2000]}"
             result["latency"][mode] = rows
             result.setdefault("memory_after", {})[mode] = _memory(device)
         pol.set_compile("none")
@@ -190,7 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    p.add_argument("--preset", default="n16-3b", choices=("tiny", "small", "n16-3b"))
+    from policy.make_demo_checkpoint import PRESETS
+
+    p.add_argument("--preset", default="n16-3b", choices=PRESETS)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--checkpoint", help="a fleet_gr00t checkpoint holding gr1 (default: build a demo one)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")

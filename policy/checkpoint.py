@@ -43,7 +43,14 @@ MODEL_TYPES = (N1D6, N1D7)
 DEFAULT_EMBODIMENT_IDS: dict[str, dict[str, int]] = {
     N1D6: {"robocasa_panda_omron": 13, "gr1": 20, "behavior_r1_pro": 24, "unitree_g1": 8, "libero_panda": 2,
            "oxe_google": 0, "oxe_widowx": 1, "oxe_droid": 16, "new_embodiment": 10},
-    N1D7: {"new_embodiment": 10},
+    # NVIDIA's N1.7 projector rows (its processor's EMBODIMENT_TAG_TO_PROJECTOR_INDEX); tags of one robot share one.
+    N1D7: {"simpler_env_google": 0, "simpler_env_widowx": 1, "libero_sim": 2, "new_embodiment": 10,
+           "robocasa_panda_omron": 10, "robocasa_gr1_tabletop": 10, "unitree_g1_sonic": 11,
+           "oxe_droid_relative_eef_relative_joint": 24, "real_g1_relative_eef_relative_joints": 25,
+           "unitree_g1_full_body_with_waist_height_nav_cmd": 25, "real_r1_pro_sharpa_relative_eef": 26,
+           "real_r1_pro_sharpa_relative_eef_human": 26, "real_r1_pro_sharpa_relative_eef_maxinsights": 26,
+           "real_r1_pro_sharpa_relative_eef_mecka": 26, "xdof_relative_eef_relative_joint": 27,
+           "xdof_relative_eef_relative_joint_subtask": 27},
 }
 
 

@@ -240,6 +240,31 @@ class DiTConfig:
         return cfg
 
 
+HEAD_SIZES = ("select_layer", "backbone_embedding_dim", "max_state_dim", "max_action_dim", "action_horizon",
+              "hidden_size", "input_embedding_dim", "num_inference_timesteps", "max_num_embodiments")
+
+
+def check_head_fields(cfg: Any, where: str, sizes: tuple[str, ...] = HEAD_SIZES) -> None:
+    """The checks of what the flow-matching head reads (policy.flow_matching.HeadConfig), shared by N1.6 and N1.7:
+    positive ``sizes``, a DiT whose width and output fit the head, positions that cover the horizon."""
+    for name in sizes:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{where}.{name}: expected a positive int, got {getattr(cfg, name)}")
+    if cfg.dit.inner_dim != cfg.input_embedding_dim:
+        raise ConfigError(
+            f"{where}: the DiT's width (num_attention_heads x attention_head_dim = {cfg.dit.inner_dim}) must equal "
+            f"input_embedding_dim {cfg.input_embedding_dim}"
+        )
+    if cfg.dit.output_dim != cfg.hidden_size:
+        raise ConfigError(f"{where}: diffusion_model_cfg.output_dim {cfg.dit.output_dim} != hidden_size {cfg.hidden_size}")
+    if cfg.add_pos_embed and cfg.action_horizon > cfg.max_seq_len:
+        raise ConfigError(f"{where}: action_horizon {cfg.action_horizon} > max_seq_len {cfg.max_seq_len}")
+    if cfg.use_alternate_vl_dit and not cfg.dit.interleave_self_attention:
+        raise ConfigError(f"{where}: use_alternate_vl_dit needs diffusion_model_cfg.interleave_self_attention")
+    if cfg.attend_text_every_n_blocks < 1:
+        raise ConfigError(f"{where}.attend_text_every_n_blocks: expected >= 1")
+
+
 N1D6_DIFFUSION_MODEL_CFG: dict[str, Any] = {
     "positional_embeddings": None,
     "num_layers": 32,
@@ -279,6 +304,11 @@ class Gr00tN1d6Config:
     use_relative_action: bool = False
     dit: DiTConfig = field(default_factory=lambda: DiTConfig.from_dict(N1D6_DIFFUSION_MODEL_CFG, "diffusion_model_cfg"))
 
+    @property
+    def state_input_dim(self) -> int:
+        """Width of the state encoder's input (N1.6: one normalised state step per token)."""
+        return self.max_state_dim
+
     @classmethod
     def from_checkpoint_dict(cls, data: Mapping[str, Any], where: str = "config.json") -> "Gr00tN1d6Config":
         if data.get("model_type") not in (None, MODEL_TYPE):
@@ -291,23 +321,7 @@ class Gr00tN1d6Config:
         return cfg
 
     def check(self, where: str) -> None:
-        for name in ("select_layer", "backbone_embedding_dim", "max_state_dim", "max_action_dim", "action_horizon",
-                     "hidden_size", "input_embedding_dim", "num_inference_timesteps", "max_num_embodiments"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: expected a positive int, got {getattr(self, name)}")
-        if self.dit.inner_dim != self.input_embedding_dim:
-            raise ConfigError(
-                f"{where}: the DiT's width (num_attention_heads x attention_head_dim = {self.dit.inner_dim}) must equal "
-                f"input_embedding_dim {self.input_embedding_dim}"
-            )
-        if self.dit.output_dim != self.hidden_size:
-            raise ConfigError(f"{where}: diffusion_model_cfg.output_dim {self.dit.output_dim} != hidden_size {self.hidden_size}")
-        if self.add_pos_embed and self.action_horizon > self.max_seq_len:
-            raise ConfigError(f"{where}: action_horizon {self.action_horizon} > max_seq_len {self.max_seq_len}")
-        if self.use_alternate_vl_dit and not self.dit.interleave_self_attention:
-            raise ConfigError(f"{where}: use_alternate_vl_dit needs diffusion_model_cfg.interleave_self_attention")
-        if self.attend_text_every_n_blocks < 1:
-            raise ConfigError(f"{where}.attend_text_every_n_blocks: expected >= 1")
+        check_head_fields(self, where)
         if self.backbone_model_type != "eagle":
             raise ConfigError(f"{where}.backbone_model_type: expected 'eagle', got {self.backbone_model_type!r}")
 

@@ -273,6 +273,7 @@ class HeadConfig(Protocol):
 
     backbone_embedding_dim: int
     max_state_dim: int
+    state_input_dim: int  # the state encoder's input width (N1.7 flattens its state history into one token)
     max_action_dim: int
     action_horizon: int
     hidden_size: int
@@ -294,7 +295,7 @@ class FlowMatchingActionHead(nn.Module):
         self.config = config
         k, d = config.max_num_embodiments, config.input_embedding_dim
         self.model = DiT(config.dit, cross_attention_dim=config.backbone_embedding_dim)
-        self.state_encoder = CategorySpecificMLP(k, config.max_state_dim, config.hidden_size, d)
+        self.state_encoder = CategorySpecificMLP(k, config.state_input_dim, config.hidden_size, d)
         self.action_encoder = MultiEmbodimentActionEncoder(config.max_action_dim, d, k)
         self.action_decoder = CategorySpecificMLP(k, config.hidden_size, config.hidden_size, config.max_action_dim)
         self.vlln = nn.LayerNorm(config.backbone_embedding_dim) if config.use_vlln else nn.Identity()
@@ -363,7 +364,7 @@ class FlowMatchingActionHead(nn.Module):
                update_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Euler integration from ``noise`` (float32, (B, action_horizon, max_action_dim)) to the normalised
         actions (float32, same shape). ``vl_embeds``: the VL features after ``vlln`` (and N1.7's VL
-        self-attention); ``valid`` / ``image``: (B, S) bool masks; ``state``: (B, T_s, max_state_dim).
+        self-attention); ``valid`` / ``image``: (B, S) bool masks; ``state``: (B, T_s, state_input_dim).
         ``update_weights``: (B, action_horizon, 1) factors of each row's updates (real-time chunking: 0 keeps a
         row as ``noise`` holds it, see policy.rtc); None is 1 everywhere.
         ``trace``: when given, filled with every step's tensors (for the parity tests)."""

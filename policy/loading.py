@@ -9,10 +9,10 @@ import shutil
 from typing import Any
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy
-from .checkpoint import N1D6, check_directory, read_json
+from .checkpoint import N1D6, N1D7, check_directory, read_json
 
 BACKENDS = ("native", "gr00t", "auto")
-NATIVE_MODEL_TYPES = (N1D6,)
+NATIVE_MODEL_TYPES = (N1D6, N1D7)
 logger = logging.getLogger(__name__)
 
 
@@ -91,8 +91,10 @@ def load_policy(
 
     backend: "native" (our own model code: no Isaac-GR00T needed), "gr00t" (NVIDIA's Isaac-GR00T package, where
     installed) or "auto" (native for the model types it implements, else gr00t).
-    tokenizer: the backbone's tokenizer folder (NVIDIA's checkpoints do not carry one); backbone_config: an
-    Eagle-style backbone config.json (default: the model_name folder's, else the released backbone's sizes).
+    tokenizer: the backbone's tokenizer folder (NVIDIA's checkpoints do not carry one; for N1.7 the Qwen3-VL
+    processor folder, which also holds its chat template and image settings); backbone_config: the backbone's
+    config.json, Eagle-style for N1.6, Qwen3-VL for N1.7 (default: the model_name folder's, for N1.7 else the
+    tokenizer folder's, else the released backbone's sizes).
     dtype: None = bfloat16 on CUDA, float32 on CPU (native backend; gr00t picks its own).
     compile: "none", "torch_compile" or "cuda_graphs" (native backend; see policy.hot_path).
     warmup: run one dummy forward at B=1 before returning (native backend), so the first request does not pay

@@ -1,17 +1,24 @@
-"""Demo GR00T N1.6 checkpoints (random weights, plausible statistics), built offline and deterministically.
+"""Demo GR00T N1.6 and N1.7 checkpoints (random weights, plausible statistics), built offline and deterministically.
 
-    python -m policy.make_demo_checkpoint OUT_DIR --preset {tiny,small,n16-3b} [--embodiments gr1,unitree_g1]
-                                                  [--seed 0] [--force]
+    python -m policy.make_demo_checkpoint OUT_DIR --preset {tiny,small,n16-3b,n17-small,n17-3b}
+                                                  [--embodiments gr1,unitree_g1] [--seed 0] [--force]
 
-The files are a GR00T N1.6 checkpoint in NVIDIA's layout (config.json with only the fields that differ from
-N1.6's defaults, model.safetensors with NVIDIA's parameter names, processor_config.json, statistics.json with
-per-step relative-action statistics, embodiment_id.json), so everything that serves a demo checkpoint serves a
-real one the same way. Like an N1.7 checkpoint, ``model_name`` names the backbone folder, ``backbone/``: an
-Eagle-style config.json with the preset's sizes, and a small tokenizer and chat template of our own (no
-download; the special tokens are Eagle's). Same arguments -> same files, byte for byte.
+The files are a GR00T checkpoint in NVIDIA's layout (config.json, model.safetensors with NVIDIA's parameter names,
+processor_config.json, statistics.json with per-step relative-action statistics, embodiment_id.json), so
+everything that serves a demo checkpoint serves a real one the same way. ``model_name`` names the backbone folder,
+``backbone/``, with the preset's backbone config.json and a small tokenizer and chat template of our own (no
+download). Same arguments -> same files, byte for byte.
 
-Presets: ``tiny`` (tests: a few-ms forward pass), ``small`` (the CPU demo), ``n16-3b`` (GR00T-N1.6-3B's real
-dimensions: SigLIP2-so400m-sized vision tower, Qwen3-1.7B cut at 16 layers, 32-layer DiT; for GPU figures).
+GR00T N1.6 presets (config.json holds only the fields that differ from N1.6's defaults; ``backbone/`` is
+Eagle-style, Eagle's special tokens): ``tiny`` (tests: a few-ms forward pass), ``small`` (the CPU demo),
+``n16-3b`` (GR00T-N1.6-3B's real dimensions: SigLIP2-so400m-sized vision tower, Qwen3-1.7B cut at 16 layers,
+32-layer DiT; for GPU figures).
+
+GR00T N1.7 presets (config.json holds every field, as NVIDIA writes it; ``backbone/`` is a Qwen3-VL processor
+folder: config.json, a byte-level BPE tokenizer.json with Qwen3-VL's special tokens, chat_template.jinja,
+preprocessor_config.json): ``n17-small`` (tests and the CPU demo: a few tens of ms per forward) and ``n17-3b``
+(GR00T-N1.7-3B's real dimensions: Cosmos-Reason2-2B's vision tower and text model cut at 16 layers, a 4-block VL
+self-attention, a 32-layer DiT, horizon 40, state/action padded to 132; for GPU figures).
 
 Embodiment layouts:
 
@@ -29,6 +36,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
+import math
 import os
 import shutil
 import sys
@@ -44,6 +53,7 @@ from clients.modality import ActionConfig, ActionRepresentation, ActionType, Mod
 from .checkpoint import (
     DEFAULT_EMBODIMENT_IDS,
     N1D6,
+    N1D7,
     PROCESSOR_CONFIG_FILE,
     CheckpointError,
     read_checkpoint,
@@ -57,10 +67,12 @@ from .configuration_gr00t_n1d6 import (
     Qwen3TextConfig,
     SiglipVisionConfig,
 )
+from .configuration_gr00t_n1d7 import Gr00tN1d7Config
 from .embodiment import resolve_tag
 
 DEFAULT_EMBODIMENTS = ("gr1", "unitree_g1")
-PRESETS = ("tiny", "small", "n16-3b")
+N17_PRESETS = ("n17-small", "n17-3b")
+PRESETS = ("tiny", "small", "n16-3b", *N17_PRESETS)
 LANGUAGE_KEY = "annotation.human.task_description"
 ACTION_HORIZON = 16
 BACKBONE_DIR = "backbone"
@@ -146,9 +158,149 @@ def _preset(name: str) -> Preset:
     raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
 
 
-def preset_config(name: str) -> tuple[Gr00tN1d6Config, EagleBackboneConfig]:
+def preset_config(name: str) -> tuple[Gr00tN1d6Config, EagleBackboneConfig] | tuple[Gr00tN1d7Config, dict[str, Any]]:
+    """(model config, backbone config): an EagleBackboneConfig for N1.6 presets, a Qwen3-VL config dict for N1.7."""
+    if name in N17_PRESETS:
+        p7 = _n17_preset(name)
+        return p7.config, p7.backbone
     p = _preset(name)
     return Gr00tN1d6Config.from_checkpoint_dict({"model_type": N1D6, **p.model}, f"preset {name}"), p.backbone
+
+
+def generation(preset: str) -> str:
+    """The model_type a preset's checkpoint has."""
+    return N1D7 if preset in N17_PRESETS else N1D6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GR00T N1.7 presets
+# ----------------------------------------------------------------------------------------------------------------
+
+# Qwen3-VL's special tokens, after our byte-level vocabulary (the ids are ours; backbone/config.json records them).
+N17_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+N17_BPE_VOCAB = 448  # byte alphabet + merges learnt from the task words; the special tokens come after
+# Qwen's pre-tokenisation split (contractions, letter runs, single digits, punctuation runs, newlines, spaces).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3-VL's prompt layout for N1.7: one user turn, an image marker per image, then the text; no system turn.
+N17_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class N17Preset:
+    config: Gr00tN1d7Config
+    backbone: dict[str, Any]  # the Qwen3-VL config.json of backbone/
+    image_edge: int  # processor shortest_image_edge
+    min_pixels: int  # Qwen image processor size.shortest_edge / longest_edge (pixel-count bounds)
+    max_pixels: int
+
+
+def n17_token_ids() -> dict[str, int]:
+    return {t: N17_BPE_VOCAB + i for i, t in enumerate(N17_SPECIAL_TOKENS)}
+
+
+def _qwen3_vl_config(vision: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+    """Cosmos-Reason2-2B's config.json with the given sizes and our tokenizer's special-token ids."""
+    from .modeling_gr00t_n1d7 import COSMOS_REASON2_2B
+
+    ids = n17_token_ids()
+    cfg = json.loads(json.dumps(COSMOS_REASON2_2B))
+    cfg.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    cfg["text_config"].update(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    cfg["vision_config"].update(vision)
+    return cfg
+
+
+def _n17_preset(name: str) -> N17Preset:
+    if name == "n17-small":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, num_position_embeddings=256,
+                      out_hidden_size=128, deepstack_visual_indexes=[0])
+        text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096,
+                    rope_scaling={"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"})
+        vsa = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 64}
+        dit = dict(num_layers=4, num_attention_heads=2, attention_head_dim=64, output_dim=128)
+        config = {"select_layer": 2, "backbone_embedding_dim": 128, "max_state_dim": 64, "max_action_dim": 32,
+                  "action_horizon": 16, "hidden_size": 128, "input_embedding_dim": 128, "max_seq_len": 64,
+                  "vl_self_attention_cfg": {**vsa, "positional_embeddings": None},
+                  "diffusion_model_cfg": {"positional_embeddings": None, "norm_type": "ada_norm",
+                                          "interleave_self_attention": True, **dit}}
+        return N17Preset(Gr00tN1d7Config.from_checkpoint_dict(config, f"preset {name}"),
+                         _qwen3_vl_config(vision, text), image_edge=96, min_pixels=1024, max_pixels=65536)
+    if name == "n17-3b":  # GR00T-N1.7-3B: Cosmos-Reason2-2B's sizes; N1.7's config defaults are the 3B model's
+        return N17Preset(Gr00tN1d7Config(), _qwen3_vl_config({}, {}), image_edge=256,
+                         min_pixels=65536, max_pixels=16777216)
+    raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+
+
+def build_n17_tokenizer():
+    """A byte-level BPE tokenizer in Qwen's form (NFC, Qwen's split, byte-level), its merges learnt from the task
+    words (deterministic), then Qwen3-VL's special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=N17_BPE_VOCAB, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    corpus = [" ".join(TASK_WORDS[i : i + 8]) for i in range(0, len(TASK_WORDS), 8)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if tok.get_vocab_size() > N17_BPE_VOCAB:
+        raise ValueError(f"tokenizer: {tok.get_vocab_size()} base tokens, more than {N17_BPE_VOCAB}")
+    # Pad the base vocabulary to exactly N17_BPE_VOCAB so the special tokens' ids are fixed.
+    while tok.get_vocab_size() < N17_BPE_VOCAB:
+        tok.add_tokens([f"<|unused_{tok.get_vocab_size()}|>"])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in N17_SPECIAL_TOKENS])
+    ids = n17_token_ids()
+    if any(tok.token_to_id(t) != i for t, i in ids.items()):
+        raise ValueError("tokenizer: Qwen3-VL's special tokens did not get their fixed ids")
+    return tok
+
+
+def write_qwen3_vl_folder(out: Path, preset: N17Preset) -> None:
+    """backbone/ of an N1.7 demo: the Qwen3-VL config.json, our tokenizer, the chat template and the image / video
+    processor settings (Qwen3-VL's layout; tokenizer_config.json in the form transformers 4.57 and 5.x read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"architectures": ["Qwen3VLForConditionalGeneration"], **preset.backbone})
+    build_n17_tokenizer().save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left", "model_max_length": 262144,
+        "clean_up_tokenization_spaces": False, "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "unk_token": None,
+    })
+    (out / "chat_template.jinja").write_text(N17_CHAT_TEMPLATE, encoding="utf-8")
+    vision = preset.backbone["vision_config"]
+    image = {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255, "resample": 3,
+        "patch_size": vision["patch_size"], "merge_size": vision["spatial_merge_size"],
+        "temporal_patch_size": vision["temporal_patch_size"], "processor_class": "Qwen3VLProcessor",
+    }
+    write_json(out / "preprocessor_config.json", {
+        **image, "image_processor_type": "Qwen2VLImageProcessorFast",
+        "size": {"shortest_edge": preset.min_pixels, "longest_edge": preset.max_pixels},
+    })
+    write_json(out / "video_preprocessor_config.json", {
+        **image, "video_processor_type": "Qwen3VLVideoProcessor", "do_sample_frames": True, "fps": 2,
+        "min_frames": 4, "max_frames": 768, "return_metadata": False,
+        "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32},
+    })
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,25 +474,27 @@ def demo_dtype(preset: str):
     """The dtype a demo checkpoint stores: bf16 for the 3B model (halves the file), fp32 for tiny / small."""
     import torch
 
-    return torch.bfloat16 if preset == "n16-3b" else torch.float32
+    return torch.bfloat16 if preset in ("n16-3b", "n17-3b") else torch.float32
 
 
 def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None):
     """A demo model with seeded random weights, drawn directly in ``dtype`` (default :func:`demo_dtype`) on
     ``device`` (default the CPU): never a float32 copy first (12 GB at n16-3b). Same arguments, same weights.
 
-    Variance-preserving draws (linear weights N(0, 1/fan_in), embeddings N(0, 1), norms 1, biases 0) so that a
-    random model's actions depend on its inputs at every depth."""
+    Variance-preserving draws (weights N(0, 1/fan_in), embeddings N(0, 1), norms 1, biases 0) so that a random
+    model's actions depend on its inputs at every depth."""
     import torch
     from torch import nn
-
-    from .modeling_gr00t_n1d6 import Gr00tN1d6
 
     config, backbone = preset_config(preset)
     dtype = demo_dtype(preset) if dtype is None else dtype
     device = torch.device("cpu" if device is None else device)
+    if generation(preset) == N1D7:
+        from .modeling_gr00t_n1d7 import Gr00tN1d7 as model_class
+    else:
+        from .modeling_gr00t_n1d6 import Gr00tN1d6 as model_class
     with torch.device("meta"):
-        model = Gr00tN1d6(config, backbone)
+        model = model_class(config, backbone)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     for name, param in list(model.named_parameters()):
@@ -350,15 +504,18 @@ def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None):
             data.zero_()
         elif param.dim() == 1:  # LayerNorm / RMSNorm scales
             data.fill_(1.0)
-        elif "embed_tokens" in name or "position_embedding" in name:
+        elif "embed_tokens" in name or "position_embedding" in name or name.endswith("pos_embed.weight"):
             data.normal_(0.0, 1.0, generator=gen)
         else:
-            fan_in = param.shape[-2] if leaf == "W" else param.shape[-1]
-            if name.endswith("patch_embedding.weight"):
-                fan_in = param.shape[1]
+            # (K, in, out) per-embodiment matrices; else (out, in, *kernel): Linear, Conv3d patch embedding.
+            fan_in = param.shape[-2] if leaf == "W" else math.prod(param.shape[1:])
             data.normal_(0.0, fan_in**-0.5, generator=gen)
         owner, _, _ = name.rpartition(".")
         model.get_submodule(owner)._parameters[leaf] = nn.Parameter(data, requires_grad=False)
+    if generation(preset) == N1D7:
+        from .modeling_gr00t_n1d7 import materialize_buffers
+
+        materialize_buffers(model, device)
     return model.eval()
 
 
@@ -387,9 +544,9 @@ def _normalise_embodiments(embodiments: Iterable[str] | str) -> list[str]:
     return tags
 
 
-def embodiment_ids(tags: Sequence[str], slots: int) -> dict[str, int]:
-    """NVIDIA's rows for the tags it knows, the lowest free rows for the others."""
-    known = DEFAULT_EMBODIMENT_IDS[N1D6]
+def embodiment_ids(tags: Sequence[str], slots: int, model_type: str = N1D6) -> dict[str, int]:
+    """NVIDIA's rows for the tags it knows (per generation), the lowest free rows for the others."""
+    known = DEFAULT_EMBODIMENT_IDS[model_type]
     ids = {t: known[t] for t in tags if t in known}
     free = (i for i in range(slots) if i not in set(known.values()) | set(ids.values()))
     for t in tags:
@@ -404,7 +561,6 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
     already built (e.g. by :func:`build_demo_model` on a GPU); default: built here, on the CPU."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p = _preset(preset)
     config, backbone = preset_config(preset)
     if len(embodiments) > config.max_num_embodiments:
         raise ValueError(f"{len(embodiments)} embodiments, the model has {config.max_num_embodiments} slots")
@@ -421,11 +577,15 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
         model = build_demo_model(preset, seed=seed)
     save_weights(model, out / "model.safetensors")
     del model
+    demo = {"preset": preset, "seed": int(seed), "embodiments": list(embodiments), "generator": "policy.make_demo_checkpoint"}
+    if generation(preset) == N1D7:
+        _write_n17_files(out, _n17_preset(preset), modality_configs, statistics, embodiments, demo)
+        return out
+    p = _preset(preset)
     write_json(out / "config.json", {
         "architectures": [N1D6], "model_type": N1D6, "model_name": BACKBONE_DIR, **p.model,
         "apply_sincos_state_encoding": True, "use_relative_action": True,
-        "fleet_demo": {"preset": preset, "seed": int(seed), "embodiments": list(embodiments),
-                       "generator": "policy.make_demo_checkpoint"},
+        "fleet_demo": demo,
     })
     write_json(out / PROCESSOR_CONFIG_FILE, {
         "processor_class": "Gr00tN1d6Processor",
@@ -444,6 +604,31 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
     write_json(out / "embodiment_id.json", embodiment_ids(embodiments, config.max_num_embodiments))
     write_backbone_folder(out / BACKBONE_DIR, backbone)
     return out
+
+
+def _write_n17_files(out: Path, p: N17Preset, modality_configs: dict[str, Any], statistics: dict[str, Any],
+                     embodiments: Sequence[str], demo: dict[str, Any]) -> None:
+    """The JSON side and backbone/ of an N1.7 demo checkpoint, in the layout NVIDIA's N1.7 code writes."""
+    cfg = p.config
+    image = {"image_crop_size": None, "image_target_size": None, "shortest_image_edge": p.image_edge,
+             "crop_fraction": 0.95, "random_rotation_angle": None, "color_jitter_params": None,
+             "letter_box_transform": False, "formalize_language": True}
+    normalisation = {"use_percentiles": True, "use_mean_std": False, "apply_sincos_state_encoding": True,
+                     "use_relative_action": True, "exclude_state": False}
+    body = {**cfg.to_checkpoint_dict(), **normalisation, "model_name": BACKBONE_DIR}
+    write_json(out / "config.json", {**body, **image, "use_albumentations_transforms": True, "fleet_demo": demo})
+    write_json(out / PROCESSOR_CONFIG_FILE, {
+        "processor_class": "Gr00tN1d7Processor",
+        "processor_kwargs": {
+            "modality_configs": modality_configs, **image, "use_albumentations": True,
+            "model_name": BACKBONE_DIR, "model_type": "qwen", "max_state_dim": cfg.max_state_dim,
+            "max_action_dim": cfg.max_action_dim, "max_action_horizon": cfg.action_horizon, **normalisation,
+            "clip_outliers": True, "state_dropout_prob": 0.0,
+        },
+    })
+    write_json(out / "statistics.json", statistics)
+    write_json(out / "embodiment_id.json", embodiment_ids(embodiments, cfg.max_num_embodiments, N1D7))
+    write_qwen3_vl_folder(out / BACKBONE_DIR, p)
 
 
 def _current_umask() -> int:
@@ -483,7 +668,7 @@ def build_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
     """Build a demo checkpoint at ``out_dir`` (replacing what is there). Atomic: built in a temporary directory
     beside it, then renamed into place."""
     tags = _normalise_embodiments(embodiments)
-    _preset(preset)
+    preset_config(preset)
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -557,7 +742,7 @@ def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m policy.make_demo_checkpoint",
-        description="Build a GR00T N1.6 demo checkpoint with random weights and plausible statistics "
+        description="Build a GR00T N1.6 / N1.7 demo checkpoint with random weights and plausible statistics "
                     "(offline, deterministic).",
     )
     parser.add_argument("out_dir", help="directory to create")

@@ -1,4 +1,11 @@
-"""GR00T N1.7 front half: the Qwen3-VL backbone and the action head's vision-language pre-stage.
+"""GR00T N1.7, natively: the Qwen3-VL backbone, the action head's vision-language pre-stage, the whole model.
+
+    backbone.model.model.visual           Qwen3-VL vision tower with deepstack (transformers' class)
+    backbone.model.model.language_model   Qwen3-VL text model, cut to select_layer layers, no final norm
+    action_head.vlln, .vl_self_attention  LayerNorm, then self-attention blocks over the VL tokens (pads masked)
+    action_head.*                         the flow-matching head shared with N1.6 (policy.flow_matching)
+
+`Gr00tN1d7` is built on the meta device and filled from the checkpoint tensor by tensor (`load_model`), as N1.6.
 
 Backbone: transformers' own Qwen3-VL vision tower (with deepstack) and text model, the text model cut to the
 checkpoint's `select_layer` decoder layers. The features are the output of the last kept layer BEFORE the text
@@ -13,7 +20,8 @@ ff.net.2}`). A deliberate difference from NVIDIA's N1.7 and LeRobot's port: left
 keys of this self-attention, so a sample's answer never depends on its batch-mates (upstream lets pad tokens in,
 and a padded sample's vision-language embeddings then move by O(1) with the other prompts of its batch). Pad
 rows themselves are left as SDPA computes them (they attend to their sample's valid tokens); nothing downstream
-reads them: the DiT's cross-attention masks them out.
+reads them: the DiT's cross-attention masks them out. In the whole model the backbone's pad rows are zeroed
+before the pre-stage (they are masked everywhere after it, so no valid row changes).
 
 transformers' Qwen3-VL needs transformers >= 4.57; the pre-stage needs only torch.
 """
@@ -22,13 +30,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .configuration_gr00t_n1d7 import Gr00tN1d7Config, VLSelfAttentionConfig
+from .flow_matching import FlowMatchingActionHead
+from .modeling_gr00t_n1d6 import load_weights, weight_files
 
 MIN_TRANSFORMERS = (4, 57)
 BACKBONE_PREFIX = "backbone.model.model."
@@ -310,33 +321,6 @@ def _check_and_load(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VLSelfAttentionConfig:
-    """`vl_self_attention_cfg` of an N1.7 config.json (inference-relevant fields)."""
-
-    num_layers: int = 4
-    num_attention_heads: int = 32
-    attention_head_dim: int = 64
-
-    @classmethod
-    def from_json(
-        cls, cfg: Mapping[str, Any] | None, where: str = "config.json vl_self_attention_cfg"
-    ) -> "VLSelfAttentionConfig":
-        cfg = dict(cfg or {})
-        if cfg.get("positional_embeddings") is not None:
-            # N1.7 checkpoints set None; a sinusoidal table here would change every number.
-            raise N17ModelError(f"{where}.positional_embeddings: expected null, got {cfg['positional_embeddings']!r}")
-        return cls(
-            num_layers=int(cfg.get("num_layers", 0)),
-            num_attention_heads=int(cfg.get("num_attention_heads", cls.num_attention_heads)),
-            attention_head_dim=int(cfg.get("attention_head_dim", cls.attention_head_dim)),
-        )
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-
 class _SelfAttention(nn.Module):
     """diffusers' `Attention` as N1.7 builds it (biases on q/k/v and out), run with a key-padding mask."""
 
@@ -471,3 +455,121 @@ def load_prestage_weights(
         else:
             unexpected.append(name)
     _check_and_load(prestage, own, picked, unexpected, prefix)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model: backbone -> vlln -> VL self-attention (masked) -> the shared flow-matching head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Nest(nn.Module):
+    """Only here for the checkpoint's ``backbone.model.model`` nesting."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+class Gr00tN1d7ActionHead(FlowMatchingActionHead):
+    """The shared flow-matching head (policy.flow_matching) with N1.7's VL self-attention after ``vlln``.
+
+    Checkpoint names below ``action_head.``: ``vlln``, ``vl_self_attention.transformer_blocks.N.*``, then the
+    DiT (``model.*``), the per-embodiment encoders / decoder and ``position_embedding``, as N1.6's head."""
+
+    def __init__(self, config: Gr00tN1d7Config):
+        super().__init__(config)
+        vsa = config.vl_self_attention
+        self.vl_self_attention = VLSelfAttention(vsa) if vsa.num_layers > 0 else None
+
+    def vl_embeds(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) backbone features, bool (B, L) valid tokens -> the DiT's cross-attention context."""
+        x = self.vlln(features)
+        return x if self.vl_self_attention is None else self.vl_self_attention(x, valid)
+
+
+class Gr00tN1d7(nn.Module):
+    """GR00T N1.7 for inference: ``forward(**processor inputs, noise)`` -> normalised actions, float32
+    (B, action_horizon, max_action_dim)."""
+
+    def __init__(self, config: Gr00tN1d7Config, backbone_config: Mapping[str, Any] | None = None):
+        super().__init__()
+        qwen = read_backbone_config(None) if backbone_config is None else dict(backbone_config)
+        text = qwen["text_config"]
+        self.source_layers = int(text.get("num_hidden_layers", config.select_layer))
+        if config.select_layer > self.source_layers:
+            raise N17ModelError(
+                f"config.json select_layer {config.select_layer} > the backbone's {self.source_layers} text layers"
+            )
+        if int(text.get("hidden_size", -1)) != config.backbone_embedding_dim:
+            raise N17ModelError(
+                f"config.json backbone_embedding_dim {config.backbone_embedding_dim} != the backbone's text hidden_size "
+                f"{text.get('hidden_size')}; pass the checkpoint's backbone_config (its model_name folder's config.json)"
+            )
+        self.config = config
+        self.backbone = _Nest(_Nest(Gr00tN17Backbone(qwen, config.select_layer)))
+        self.action_head = Gr00tN1d7ActionHead(config)
+        self.eval()
+
+    @property
+    def qwen(self) -> Gr00tN17Backbone:
+        return self.backbone.model.model
+
+    def unused_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint tensors inference never reads: decoder layers above select_layer, the final norm (features
+        are taken before it) and the tied LM head (some writers keep it)."""
+        layers = tuple(f"{BACKBONE_PREFIX}language_model.layers.{i}." for i in range(self.qwen.num_layers, self.source_layers))
+        return layers + (f"{BACKBONE_PREFIX}language_model.norm.", "backbone.model.lm_head.", f"{BACKBONE_PREFIX}lm_head.")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        state: torch.Tensor,
+        embodiment_id: int | torch.Tensor,
+        noise: torch.Tensor,
+        trace: dict | None = None,
+        update_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, valid, image = self.qwen(pixel_values, image_grid_thw, input_ids, attention_mask, position_ids)
+        if trace is not None:
+            trace["backbone.features"] = features
+        # Left-pad rows are never attended to (masked keys here and in the DiT); zeroed so that nothing
+        # non-finite a kernel might leave there can ride on 0 * x into a valid row.
+        features = torch.where(valid.unsqueeze(-1), features, 0.0)
+        vl = self.action_head.vl_embeds(features, valid)
+        if trace is not None:
+            trace["head.vl_embeds"] = vl
+        return self.action_head.sample(vl, valid, image, state, embodiment_id, noise, trace, update_weights)
+
+
+def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Rebuild, on ``device``, the modules a meta-device construction left with meta buffers: transformers'
+    rotary embeddings (their inverse frequencies are computed at construction, not stored in checkpoints)."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        with torch.device(device):
+            config = getattr(module, "config", None)
+            if config is not None:
+                fresh = type(module)(config)
+            elif isinstance(getattr(module, "inv_freq", None), torch.Tensor):  # transformers 4.57's vision rope
+                fresh = type(module)(2 * module.inv_freq.numel())
+            else:
+                raise N17ModelError(f"{name}: a buffer was left on the meta device and cannot be rebuilt")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+
+
+def load_model(
+    path: Path, config: Gr00tN1d7Config, backbone_config: Mapping[str, Any] | None, *, dtype: torch.dtype, device: Any
+) -> Gr00tN1d7:
+    """The checkpoint at ``path`` as a ready model: built on the meta device, each tensor read once straight into
+    ``dtype`` on ``device`` (a 3B checkpoint is never in memory twice), eval mode."""
+    with torch.device("meta"):
+        model = Gr00tN1d7(config, backbone_config)
+    load_weights(model, weight_files(path), dtype=dtype, device=device, unused=model.unused_prefixes())
+    materialize_buffers(model, device)
+    return model.eval()

@@ -29,7 +29,7 @@ import torch
 from clients.modality import ModalityConfig
 
 from .base import DEFAULT_MAX_BATCH_PER_REQUEST, BasePolicy, PolicyInputError
-from .checkpoint import N1D6, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointError, CheckpointInfo, read_checkpoint
+from .checkpoint import N1D6, N1D7, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointError, CheckpointInfo, read_checkpoint
 from .embodiment import resolve_tag
 from .hot_path import DEFAULT_BATCH_BUCKETS, bucket_for, check_buckets, check_compile_mode, compiled_forward
 from .rtc import parse_rtc, update_weights
@@ -140,10 +140,42 @@ def _load_n1d6(info: CheckpointInfo, spec: Any, sources: BackboneSources, dtype:
     return model, processor
 
 
+def _load_n1d7(info: CheckpointInfo, spec: Any, sources: BackboneSources, dtype: torch.dtype, device: torch.device):
+    from .configuration_gr00t_n1d6 import ConfigError
+    from .configuration_gr00t_n1d7 import Gr00tN1d7Config
+    from .modeling_gr00t_n1d7 import N17ModelError, load_model, qwen3_vl_classes, read_backbone_config
+    from .processing_gr00t_n1d7 import PREPROCESSOR_FILE, Gr00tN1d7Processor, N17InputError
+
+    qwen3_vl_classes()  # an ImportError naming the transformers version N1.7 needs, before anything is read
+    # N1.7's prompt and image settings live beside its tokenizer (the Qwen3-VL processor folder model_name names).
+    folder = sources.tokenizer_dir or backbone_folder(info)
+    if folder is None or not (folder / PREPROCESSOR_FILE).is_file():
+        raise CheckpointError(
+            f"checkpoint {info.path}: GR00T N1.7 needs its Qwen3-VL processor folder (tokenizer.json, chat template, "
+            f"{PREPROCESSOR_FILE}; `tokenizer:`), found {folder or 'none'}"
+        )
+    if sources.config_file is None and (folder / "config.json").is_file():
+        # That folder is the Qwen3-VL processor folder: its config.json is the backbone's (as in NVIDIA's layout).
+        sources.config_file = folder / "config.json"
+    try:  # the JSON side first: a mismatch is named before seconds of weight loading
+        config = Gr00tN1d7Config.from_checkpoint_dict(info.config, str(info.path / "config.json"))
+        backbone = read_backbone_config(sources.config_file)
+        processor = Gr00tN1d7Processor(
+            spec, info.processor_kwargs, config, folder, tokenizer=sources.tokenizer,
+            image_token_id=backbone.get("image_token_id"), where=str(info.path / "processor_config.json"),
+        )
+        model = load_model(info.path, config, backbone, dtype=dtype, device=device)
+    except (ConfigError, N17ModelError, N17InputError) as exc:
+        raise CheckpointError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - name the checkpoint whatever safetensors or torch raised
+        raise CheckpointError(f"checkpoint {info.path}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+    return model, processor
+
+
 # One loader per model_type: (checkpoint, embodiment, backbone sources, dtype, device) -> (model, processor).
 # The model: forward(**processor inputs, noise) -> normalised actions, and a `config` with action_horizon,
 # max_action_dim and max_num_embodiments. The processor: collate, pad_rows, decode_actions, model_image_size.
-LOADERS = {N1D6: _load_n1d6}
+LOADERS = {N1D6: _load_n1d6, N1D7: _load_n1d7}
 
 
 class NativePolicy(BasePolicy):

@@ -83,17 +83,7 @@ class Gr00tN1d6Processor:
                 f"({backbone.source}); tokenizer and backbone config do not belong together"
             )
         self.pad_id = int(tokenizer.pad_token_id)
-        self.codec = StateActionCodec(
-            spec,
-            max_state_dim=config.max_state_dim,
-            max_action_dim=config.max_action_dim,
-            model_action_horizon=config.action_horizon,
-            use_percentiles=bool(kw.get("use_percentiles", False)),
-            clip_outliers=bool(kw.get("clip_outliers", True)),
-            apply_sincos_state_encoding=bool(kw.get("apply_sincos_state_encoding", False)),
-            use_relative_action=bool(kw.get("use_relative_action", False)),
-            where=where,
-        )
+        self.codec = StateActionCodec.from_processor_kwargs(spec, kw, config, where)
         mc = spec.modality_configs
         self.video_keys = list(mc["video"].modality_keys)
         self.language_key = mc["language"].modality_keys[0]

@@ -20,7 +20,8 @@ Where NVIDIA's code and LeRobot's port differ we follow NVIDIA (the fixed-size r
 `shortest_image_edge` is null), except for an empty task, which becomes "Perform the task." as in LeRobot (NVIDIA
 would prompt with an empty string). NVIDIA's torchvision recipe (`use_albumentations: false`) is refused by name.
 
-State normalisation, embodiment ids and action decoding are shared with N1.6 and live elsewhere.
+`Gr00tN1d7Processor` is the whole per-embodiment processor NativePolicy calls: these stages, plus state
+normalisation and action decoding through the codec shared with N1.6 (policy.state_action).
 """
 
 from __future__ import annotations
@@ -492,9 +493,12 @@ def expand_image_pads(prompt: str, tokens_per_image: Sequence[int]) -> str:
     return "".join(out)
 
 
-def left_pad(sequences: Sequence[np.ndarray], pad_value: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-align int64 sequences in (B, L) filled with `pad_value`; mask 1 on real tokens, 0 on pads."""
-    length = max(len(s) for s in sequences)
+def left_pad(
+    sequences: Sequence[np.ndarray], pad_value: int, length_multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-align int64 sequences in (B, L) filled with `pad_value`; mask 1 on real tokens, 0 on pads. L is the
+    longest length rounded up to `length_multiple` (few shapes for compiled execution)."""
+    length = -(-max(len(s) for s in sequences) // length_multiple) * length_multiple
     ids = np.full((len(sequences), length), pad_value, dtype=np.int64)
     mask = np.zeros((len(sequences), length), dtype=np.int64)
     for i, s in enumerate(sequences):
@@ -687,8 +691,11 @@ class Gr00tN17VLProcessor:
         per_sample = self.frames(video)
         return self.from_frames(per_sample, self.texts(language, len(per_sample)))
 
-    def from_frames(self, per_sample: Sequence[Sequence[np.ndarray]], texts: Sequence[str]) -> N17VLInputs:
-        """The batch from recipe-processed frames (per sample, in prompt order) and prompt texts."""
+    def from_frames(
+        self, per_sample: Sequence[Sequence[np.ndarray]], texts: Sequence[str], length_multiple: int = 1
+    ) -> N17VLInputs:
+        """The batch from recipe-processed frames (per sample, in prompt order) and prompt texts; the prompts are
+        left padded to the longest, rounded up to `length_multiple`."""
         if len(per_sample) != len(texts):
             raise N17InputError(f"texts: expected {len(per_sample)} (one per sample), got {len(texts)}")
         flat = [img for images in per_sample for img in images]
@@ -697,7 +704,7 @@ class Gr00tN17VLProcessor:
         for images, text in zip(per_sample, texts):
             encoded.append(self.encode(text, grids[start : start + len(images)].numpy()))
             start += len(images)
-        ids, mask = left_pad([e.ids for e in encoded], self.pad_token_id)
+        ids, mask = left_pad([e.ids for e in encoded], self.pad_token_id, length_multiple)
         positions = batch_position_ids([e.positions for e in encoded], mask)
         return N17VLInputs(
             pixel_values=pixel_values,
@@ -726,3 +733,159 @@ def load_n17_tokenizer(tokenizer_dir: str | Path):
         return PreTrainedTokenizerFast.from_pretrained(str(d), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - name the dir whatever the tokenizer library raised
         raise N17InputError(f"{d}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pre- and post-processing of one embodiment (what NativePolicy calls)
+# ----------------------------------------------------------------------------------------------------------------
+
+# NVIDIA's Gr00tN1d7Processor defaults, for keys a processor_config.json leaves out.
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "use_percentiles": False,
+    "clip_outliers": True,
+    "apply_sincos_state_encoding": False,
+    "use_relative_action": False,
+    "exclude_state": False,
+    "use_mean_std": False,
+    "max_action_horizon": 50,
+}
+
+
+class Gr00tN1d7Processor:
+    """One embodiment's N1.7 pre- and post-processing for a loaded `Gr00tN1d7`: observations -> model inputs
+    (`collate`), normalised actions -> physical ones (`decode_actions`).
+
+    The vision-language part is `Gr00tN17VLProcessor`; states and actions go through the codec shared with N1.6
+    (policy.state_action), switched by processor_config.json as NVIDIA's N1.7 processor reads it:
+    `use_percentiles` (q01/q99 instead of min/max), `clip_outliers`, `apply_sincos_state_encoding` (with the
+    state config's `sin_cos_embedding_keys`), per-key `mean_std_embedding_keys`, `use_relative_action` (RELATIVE
+    keys decoded with the per-step `relative_action` min/max and added to the current state), `exclude_state`
+    (the state token sees zeros, as NVIDIA's processor feeds it), `max_action_horizon` (>= the embodiment's
+    action steps). The state history (`state_history_length` steps of config.json, = the state config's delta
+    indices) is flattened into one token. Refused: `use_mean_std: true` (see `_check_kwargs`).
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        processor_kwargs: Mapping[str, Any],
+        config: Any,
+        tokenizer_dir: str | Path,
+        *,
+        tokenizer: Any = None,
+        image_token_id: int | None = None,
+        where: str = "processor_config.json",
+    ):
+        from .state_action import StateActionCodec
+
+        kw = {**PROCESSOR_DEFAULTS, **dict(processor_kwargs)}
+        self.spec = spec
+        self.config = config
+        mc = spec.modality_configs
+        self._check_kwargs(kw, config, where)
+        self.state_history = len(mc["state"].delta_indices)
+        if self.state_history != config.state_history_length:
+            raise N17InputError(
+                f"{where}: embodiment {spec.tag!r} reads {self.state_history} state steps (state.delta_indices), "
+                f"config.json state_history_length is {config.state_history_length}"
+            )
+        steps = len(mc["action"].delta_indices)
+        if steps > int(kw["max_action_horizon"]):
+            raise N17InputError(
+                f"{where}: embodiment {spec.tag!r} asks for {steps} action steps (action.delta_indices), more than "
+                f"max_action_horizon {kw['max_action_horizon']}"
+            )
+        self.exclude_state = bool(kw["exclude_state"]) or bool(mc["state"].extra.get("exclude_state", False))
+        self.codec = StateActionCodec.from_processor_kwargs(spec, kw, config, where)
+        self.vl = Gr00tN17VLProcessor.from_processor_config(tokenizer_dir, kw, spec.tag, tokenizer=tokenizer)
+        if image_token_id is not None and self.vl.image_token_id != int(image_token_id):
+            raise N17InputError(
+                f"tokenizer {tokenizer_dir}: {IMAGE_PAD} is id {self.vl.image_token_id}, the backbone config's "
+                f"image_token_id is {image_token_id}; tokenizer and backbone config do not belong together"
+            )
+        self.embodiment_id = int(spec.embodiment_id)
+
+    @staticmethod
+    def _check_kwargs(kw: Mapping[str, Any], config: Any, where: str) -> None:
+        if kw["use_mean_std"]:
+            # NVIDIA's N1.7 processor stores this switch, but its state/action normaliser reads only the per-key
+            # mean_std_embedding_keys; what a global switch should do is not pinned down by any reference we have.
+            raise N17InputError(
+                f"{where}: processor_kwargs.use_mean_std is true; the native backend normalises with mean/std only the "
+                "keys a modality config lists in mean_std_embedding_keys (as NVIDIA's N1.7 state/action processor "
+                "does): list them there and set use_mean_std to false"
+            )
+        for name in ("max_state_dim", "max_action_dim"):
+            if name in kw and int(kw[name]) != getattr(config, name):
+                raise N17InputError(
+                    f"{where}: processor_kwargs.{name} is {kw[name]}, config.json {name} is {getattr(config, name)}"
+                )
+
+    def encode_states(self, states: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """Raw {key: (N, T, D)} -> float32 (N, 1, T * max_state_dim): normalised, padded, the history flattened."""
+        if self.exclude_state:
+            return np.zeros((n, 1, self.config.state_input_dim), dtype=np.float32)
+        enc = self.codec.encode_states(states)
+        return np.ascontiguousarray(enc.reshape(enc.shape[0], 1, -1))
+
+    def collate(
+        self,
+        observations: Sequence[Mapping[str, Any]],
+        states: Mapping[str, np.ndarray],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        length_multiple: int = 1,
+    ) -> dict[str, Any]:
+        """Model inputs for every sample of ``observations`` (validated, nested form), in order."""
+        per_sample: list[list[np.ndarray]] = []
+        texts: list[str] = []
+        for obs in observations:
+            frames = self.vl.frames(obs["video"])
+            per_sample.extend(frames)
+            texts.extend(self.vl.texts(obs["language"], len(frames)))
+        x = self.vl.from_frames(per_sample, texts, length_multiple)
+        state = torch.from_numpy(self.encode_states(states, len(per_sample)))
+        return {
+            "pixel_values": x.pixel_values.to(device=device, dtype=dtype),
+            "image_grid_thw": x.image_grid_thw.to(device),
+            "input_ids": x.input_ids.to(device),
+            "attention_mask": x.attention_mask.to(device),
+            "position_ids": x.position_ids.to(device),
+            "state": state.to(device=device, dtype=dtype),
+            "embodiment_id": self.embodiment_id,
+        }
+
+    @staticmethod
+    def pad_rows(inputs: dict[str, Any], n: int, rows: int) -> dict[str, Any]:
+        """``inputs`` of n samples grown to ``rows`` by repeating the last sample (its images, prompt, state and
+        noise): fixed shapes for compiled execution."""
+        from .hot_path import pad_rows
+
+        if rows == n:
+            return inputs
+        out = dict(inputs)
+        grids = inputs["image_grid_thw"]
+        per_sample = grids.shape[0] // n
+        last = grids[grids.shape[0] - per_sample :]
+        patches = int(last.prod(dim=1).sum())
+        extra = rows - n
+        pixels = inputs["pixel_values"]
+        out["pixel_values"] = torch.cat([pixels, pixels[pixels.shape[0] - patches :].repeat(extra, 1)], dim=0)
+        out["image_grid_thw"] = torch.cat([grids, last.repeat(extra, 1)], dim=0)
+        out["position_ids"] = pad_rows(inputs["position_ids"].transpose(0, 1), rows).transpose(0, 1)
+        for k in ("input_ids", "attention_mask", "state", "noise", "update_weights"):
+            if k in inputs:
+                out[k] = pad_rows(inputs[k], rows)
+        return out
+
+    def model_image_size(self) -> tuple[int, int]:
+        """(h, w) of the images the vision tower sees for a square camera frame (the N1.7 recipe, then Qwen's
+        resize to multiples of patch x merge)."""
+        frame = apply_image_recipe(np.zeros((256, 256, 3), np.uint8), self.vl.recipe)
+        s = self.vl.image_spec
+        return smart_resize(frame.shape[0], frame.shape[1], s.factor, s.min_pixels, s.max_pixels)
+
+    def decode_actions(self, normalized: np.ndarray, states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(N, action_horizon, max_action_dim) normalised -> {key: (N, len(action.delta_indices), D)} physical."""
+        return self.codec.decode_actions(normalized, states)

@@ -247,6 +247,25 @@ class StateActionCodec:
             )
         self.action_dim = offset
 
+    @classmethod
+    def from_processor_kwargs(cls, spec: EmbodimentSpec, processor_kwargs: Mapping[str, object], config: object,
+                              where: str = "processor_config.json") -> "StateActionCodec":
+        """The codec a GR00T processor builds: switches from processor_config.json's ``processor_kwargs`` (NVIDIA's
+        processor defaults where absent: min/max, clipping, no sin/cos, absolute actions), sizes from the model's
+        config (``max_state_dim``, ``max_action_dim``, ``action_horizon``)."""
+        kw = processor_kwargs
+        return cls(
+            spec,
+            max_state_dim=config.max_state_dim,  # type: ignore[attr-defined]
+            max_action_dim=config.max_action_dim,  # type: ignore[attr-defined]
+            model_action_horizon=config.action_horizon,  # type: ignore[attr-defined]
+            use_percentiles=bool(kw.get("use_percentiles", False)),
+            clip_outliers=bool(kw.get("clip_outliers", True)),
+            apply_sincos_state_encoding=bool(kw.get("apply_sincos_state_encoding", False)),
+            use_relative_action=bool(kw.get("use_relative_action", False)),
+            where=where,
+        )
+
     # -- states ---------------------------------------------------------------------------------------------------
     def encode_states(self, states: Mapping[str, np.ndarray]) -> np.ndarray:
         """{key: float32 (N, T, D) raw} -> float32 (N, T, max_state_dim)."""

@@ -128,29 +128,34 @@ class BatchingConfig(_Strict):
     batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the ingress waits to fill a batch.")
 
 
+# policy.make_demo_checkpoint.PRESETS (checked by a test; this module imports neither torch nor policy).
+DemoPreset = Literal["tiny", "small", "n16-3b", "n17-small", "n17-3b"]
+
+
 class PolicyConfig(_Strict):
     """How a policy replica loads its embodiment: the replica's init args (a change restarts replicas)."""
 
     checkpoint: str | None = Field(
         default=None, description="Checkpoint directory; default <checkpoint_root>/<demo_preset>-<tag> when demo_preset is set."
     )
-    demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
+    demo_preset: DemoPreset | None = Field(
         default=None, description="Build a demo checkpoint of this preset offline where `checkpoint` is missing."
     )
     backend: Literal["native", "gr00t", "auto"] = Field(
         default="native",
-        description="native: our own model code (GR00T N1.6 checkpoints as NVIDIA writes them); gr00t: NVIDIA's "
+        description="native: our own model code (GR00T N1.6 and N1.7 checkpoints as NVIDIA writes them); gr00t: NVIDIA's "
         "Isaac-GR00T package, where installed; auto: native where it implements the checkpoint's model_type.",
     )
     tokenizer: str | None = Field(
         default=None,
         description="The backbone's tokenizer folder (NVIDIA's checkpoints carry none: for N1.6 the "
-        "Eagle-Block2A-2B-v2 folder inside Isaac-GR00T); default: the folder config.json's model_name names.",
+        "Eagle-Block2A-2B-v2 folder inside Isaac-GR00T, for N1.7 the Cosmos-Reason2 / Qwen3-VL processor folder); "
+        "default: the folder config.json's model_name names.",
     )
     backbone_config: str | None = Field(
         default=None,
-        description="An Eagle-style backbone config.json (N1.6 checkpoints do not store the backbone's sizes); "
-        "default: the model_name folder's, else the released backbone's sizes.",
+        description="The backbone's config.json (checkpoints do not store the backbone's sizes): Eagle-style for "
+        "N1.6, Qwen3-VL for N1.7; default: the model_name folder's, else the released backbone's sizes.",
     )
     device: str = Field(default="auto", description="auto (CUDA where present), cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -177,7 +182,7 @@ class ModelSource(_Strict):
     """One fine-tune of an embodiment: a checkpoint directory, or a demo checkpoint built offline from a seed."""
 
     checkpoint: str | None = Field(default=None, description="Checkpoint directory (relative: against the working directory of `serve run`).")
-    demo_preset: Literal["tiny", "small", "n16-3b"] | None = Field(
+    demo_preset: DemoPreset | None = Field(
         default=None, description="Build a demo checkpoint of this preset (at <checkpoint_root>/<preset>-<tag>-seed<N>) where `checkpoint` is missing."
     )
     demo_seed: int = Field(default=0, ge=0, description="Seed of the demo weights: one seed, one distinct fine-tune.")

@@ -39,6 +39,19 @@ def test_invalid_args_name_the_field(args, message):
     assert message in str(err.value)
 
 
+def test_every_demo_preset_is_a_valid_demo_preset():
+    import typing
+
+    from policy.make_demo_checkpoint import PRESETS
+    from serving.config import DemoPreset, PolicyConfig
+
+    assert set(typing.get_args(DemoPreset)) == set(PRESETS)
+    for preset in ("n17-small", "n17-3b"):
+        assert PolicyConfig(demo_preset=preset).demo_preset == preset
+    with pytest.raises(ValidationError, match="n18-3b"):
+        PolicyConfig(demo_preset="n18-3b")
+
+
 def test_port_in_use_and_unknown_tag_fail_their_deployments_visibly(ray_session, tiny_checkpoint):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))

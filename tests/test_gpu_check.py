@@ -1,5 +1,6 @@
-"""bench/gpu_check.py's CPU smoke run: the script a GPU machine runs, end to end on the tiny preset, in a fresh
-interpreter (as on a bare PyTorch machine: it must not import Ray, ZMQ or msgpack)."""
+"""bench/gpu_check.py's CPU smoke run: the script a GPU machine runs, end to end on the tiny presets of both
+generations (tiny: N1.6, n17-small: N1.7), in a fresh interpreter (as on a bare PyTorch machine: it must not import
+Ray, ZMQ or msgpack)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_cpu_smoke(tmp_path):
+def _qwen3_vl_available() -> bool:
+    try:
+        import transformers.models.qwen3_vl.modeling_qwen3_vl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("preset", [
+    "tiny",
+    pytest.param("n17-small", marks=pytest.mark.skipif(not _qwen3_vl_available(),
+                                                       reason="GR00T N1.7 needs transformers >= 4.57 (Qwen3-VL)")),
+])
+def test_gpu_check_cpu_smoke(tmp_path, preset):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--preset", "tiny", "--batches", "1,2",
+        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--preset", preset, "--batches", "1,2",
          "--modes", "none,cuda_graphs", "--iters", "2", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["device"]["device"] == "cpu" and result["preset"] == "tiny" and result["dtype"] == "bfloat16"
+    assert result["device"]["device"] == "cpu" and result["preset"] == preset and result["dtype"] == "bfloat16"
     assert {"torch", "transformers", "numpy", "safetensors", "tokenizers"} <= set(result["versions"])
     assert result["build"]["build_s"] >= 0 and result["build"]["bytes"] > 0
     assert result["load"]["load_s"] > 0 and result["load"]["warmup_s"] > 0 and result["load"]["parameters"] > 0

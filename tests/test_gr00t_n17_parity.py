@@ -1,10 +1,28 @@
-"""GR00T N1.7 front half, stage by stage against the reference run in tests/fixtures/gr00t_n17 (LeRobot 0.6.1's
-Apache-2.0 port of NVIDIA's N1.7 code on a tiny random-weight checkpoint; see the README there).
+"""GR00T N1.7, natively, stage by stage against the reference run in tests/fixtures/gr00t_n17 (LeRobot 0.6.1's
+Apache-2.0 port of NVIDIA's N1.7 code on a tiny random-weight checkpoint; see the README there), through to the
+decoded actions, and through a real Serve app.
 
-Stages: frames (exact uint8), pixel_values (1e-6), image grids, tokens, masks and mRoPE position ids (exact),
-vision tower + deepstack (1e-4), backbone features on valid rows (2e-4), the head's vl_embeds (2e-4). For
-vl_embeds we match each sample's answer ALONE (`ref_b1` for the left-padded sample 0, `ref_main` for the
-unpadded sample 1): we mask left pads in the VL self-attention, upstream does not (a deliberate difference).
+Bars (float32): exact for frames, image grids, tokens, masks and mRoPE position ids; 1e-6 pixel_values and the
+normalised state; 1e-4 vision tower + deepstack; 2e-4 backbone features (valid rows) and the head's vl_embeds;
+1e-4 state features, every Euler step's x and velocity, action_pred, action_chunk and the decoded actions (through
+NativePolicy.get_action with options["noise"], B=2 and B=1, and through Serve + PolicyClient at B=2).
+
+Each sample is checked against its answer ALONE (`ref_b1` for the left-padded sample 0 of the B=2 call, `ref_main`
+for the unpadded sample 1): we mask left pads in the VL self-attention, upstream does not (a deliberate
+difference; upstream's batched sample 0 differs from its lone answer by 0.09 in decoded actions).
+
+Measured max |ours - reference| (CPU, torch 2.13, transformers 5.25, float32; B=2 per-sample alone / B=1):
+    proc.pixel_values               0        / 0
+    proc.state                      6.0e-08  / 6.0e-08
+    backbone.features (valid rows)  6.3e-06  / 6.3e-06
+    head.vl_embeds (valid rows)     6.0e-06  / 6.1e-06
+    head.state_features             1.2e-07  / 8.9e-08
+    denoise.x_t (4 steps)           1.5e-06  / 1.1e-06
+    denoise.velocity (4 steps)      7.3e-06  / 4.5e-06
+    action_pred                     2.7e-06  / 1.8e-06
+    action_chunk                    2.3e-06  / 1.8e-06
+    decoded actions (get_action)    6.0e-07  / 6.6e-07
+    a sample batched (B=3) vs alone 2.0e-07 (decoded)
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ pytest.importorskip("cv2", reason="GR00T N1.7's image recipe needs opencv-python
 
 from safetensors.torch import load_file  # noqa: E402
 
+from policy import load_policy  # noqa: E402
 from policy.modeling_gr00t_n1d7 import (  # noqa: E402
     COSMOS_REASON2_2B,
     Gr00tN17Backbone,
@@ -135,6 +154,10 @@ def outputs(backbone, prestage, inputs) -> dict:
                 "vl_embeds": prestage(features, valid),
             }
     return out
+
+
+def noise(name: str) -> np.ndarray:
+    return load_file(FIXTURES / "inputs" / f"noise_{name}.safetensors")["noise"].numpy()
 
 
 def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -331,3 +354,312 @@ def test_weight_errors_name_the_tensor(model_config, tensors):
     bad["action_head.vlln.weight"] = torch.zeros(3)
     with pytest.raises(N17ModelError, match=r"action_head\.vlln\.weight: expected shape \(64,\), got \(3,\)"):
         load_prestage_weights(Gr00tN17VLPreStage.from_model_config(model_config), bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model through NativePolicy: state, flow matching, actions. Each sample against its run ALONE.
+# ----------------------------------------------------------------------------------------------------------------
+
+ACTION_KEYS = ("arm", "gripper")
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    """The fixture checkpoint as a replica serves it (backend native, cpu, float32, the tokenizer dir given)."""
+    return load_policy(CHECKPOINT, TAG, device="cpu", dtype="float32", tokenizer=TOKENIZER, backbone_config=TOKENIZER,
+                       warmup=False)
+
+
+def alone(refs, stage: str, axis: int = 0) -> np.ndarray:
+    """A reference stage of the B=2 call as each sample gives it ALONE: sample 0 from `ref_b1` (upstream's batched
+    sample 0 saw its batch-mate's pads), sample 1 from `ref_main` (no pads: upstream's batched answer is its own)."""
+    return np.concatenate([np.take(refs["b1"][stage], [0], axis=axis), np.take(refs["main"][stage], [1], axis=axis)],
+                          axis=axis)
+
+
+def expected(refs, name: str, stage: str, axis: int = 0) -> np.ndarray:
+    return alone(refs, stage, axis) if name == "main" else refs["b1"][stage]
+
+
+def collate(pol, obs: dict, **kw) -> dict:
+    """The processor's model inputs for one nested observation (float32, CPU)."""
+    canonical = {**obs, "language": {LANGUAGE_KEY: [t[0] for t in obs["language"][LANGUAGE_KEY]]}}
+    return pol.processor.collate([canonical], obs["state"], device=torch.device("cpu"), dtype=torch.float32, **kw)
+
+
+@pytest.fixture(scope="module")
+def traces(fp32) -> dict:
+    """Every stage of our forward pass on the reference's observations and noise."""
+    out = {}
+    for name in CASES:
+        obs = nested_observation(name)
+        inputs = collate(fp32, obs)
+        trace: dict = {"inputs": inputs}
+        with torch.inference_mode():
+            trace["action_pred"] = fp32.model(**inputs, noise=torch.from_numpy(noise(name)), trace=trace)
+        out[name] = trace
+    return out
+
+
+def test_loads_natively_with_the_fixture_config(fp32, model_config):
+    from policy.loading import NATIVE_MODEL_TYPES
+    from policy.native import LOADERS
+
+    assert "Gr00tN1d7" in LOADERS and "Gr00tN1d7" in NATIVE_MODEL_TYPES
+    cfg = fp32.model.config
+    assert (cfg.action_horizon, cfg.max_action_dim, cfg.num_inference_timesteps) == (16, 16, 4)
+    assert cfg.vl_self_attention.num_layers == 1 and cfg.dit.num_layers == 4 and cfg.rtc_ramp_rate == 6.0
+    assert fp32.describe()["noise_shape"] == [16, 16] and fp32.describe()["model"]["model_type"] == "Gr00tN1d7"
+    # Decoder layers above select_layer and the final norm are not built (the checkpoint holds only the kept ones).
+    assert len(fp32.model.qwen.language_model.layers) == model_config["select_layer"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_normalised_state_and_embodiment(traces, refs, name):
+    inputs = traces[name]["inputs"]
+    assert max_diff(inputs["state"], refs[name]["proc.state"]) <= 1e-6
+    assert inputs["embodiment_id"] == int(refs[name]["proc.embodiment_id"][0]) == 10
+    np.testing.assert_array_equal(inputs["input_ids"].numpy(), refs[name]["proc.input_ids"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_state_features(traces, refs, name):
+    assert max_diff(traces[name]["state_features"], expected(refs, name, "head.state_features")) <= 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_denoising_step_per_sample(traces, refs, name):
+    t = traces[name]
+    for k in range(4):
+        # denoise.* are (step, B, ...): the batch is axis 1.
+        assert max_diff(t[f"step{k}.actions_in"], expected(refs, name, "denoise.x_t", axis=1)[k]) <= 1e-4
+        assert max_diff(t[f"step{k}.velocity"], expected(refs, name, "denoise.velocity", axis=1)[k]) <= 1e-4
+
+
+def test_discretised_timesteps(fp32, refs):
+    head = fp32.model.action_head
+    n, buckets = head.config.num_inference_timesteps, head.config.num_timestep_buckets
+    assert [int(k / n * buckets) for k in range(n)] == refs["main"]["denoise.timestep"][:, 0].tolist() == [0, 250, 500, 750]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_action_pred_and_action_chunk(traces, refs, name):
+    pred = traces[name]["action_pred"]
+    assert pred.dtype == torch.float32 and tuple(pred.shape) == refs[name]["action_pred"].shape
+    assert max_diff(pred, expected(refs, name, "action_pred")) <= 1e-4
+    chunk = expected(refs, name, "action_chunk")  # valid rows, env dims, still normalised (not clipped)
+    assert max_diff(pred[:, : chunk.shape[1], : chunk.shape[2]], chunk) <= 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decoded_actions_through_get_action_with_options_noise(fp32, refs, name):
+    action, _ = fp32.get_action(nested_observation(name), {"noise": noise(name)})
+    assert set(action) == set(ACTION_KEYS)
+    for key in ACTION_KEYS:
+        assert action[key].dtype == np.float32
+        assert max_diff(action[key], expected(refs, name, f"action.{key}")) <= 1e-4
+    decoded = np.concatenate([action[k] for k in ACTION_KEYS], axis=-1)
+    assert max_diff(decoded, expected(refs, name, "action_decoded")) <= 1e-4
+
+
+def test_upstream_batched_actions_differ_from_alone_so_the_mask_matters(refs):
+    # What upstream gives the left-padded sample 0 in a batch is not its answer alone (0.09 here).
+    assert max_diff(refs["main"]["action_decoded"][0], refs["b1"]["action_decoded"][0]) > 0.05
+
+
+def test_each_sample_of_a_batch_equals_its_run_alone(fp32):
+    from policy.native import BATCH_INVARIANCE_ATOL
+
+    main, b1 = nested_observation("main"), nested_observation("b1")
+    # Three samples in one forward pass: the lone sample 0, then the B=2 request (sample 0 again, padded now).
+    together = fp32.get_actions([(b1, {"noise": noise("b1")}), (main, {"noise": noise("main")})])
+    lone_0 = fp32.get_action(b1, {"noise": noise("b1")})[0]
+    second = {m: {k: v[1:] for k, v in section.items()} for m, section in main.items()}
+    lone_1 = fp32.get_action(second, {"noise": noise("main")[1:]})[0]
+    tol = BATCH_INVARIANCE_ATOL[torch.float32]
+    for key in ACTION_KEYS:
+        assert max_diff(together[0][0][key], lone_0[key]) <= tol
+        assert max_diff(together[1][0][key][0], lone_0[key][0]) <= tol
+        assert max_diff(together[1][0][key][1], lone_1[key][0]) <= tol
+
+
+def test_fixed_shapes_for_compiled_execution_change_no_answer(fp32, traces):
+    """Prompts padded to a multiple of 64 and rows repeated to a bucket (what compiled modes run) give the same
+    normalised actions for the real rows."""
+    obs = nested_observation("main")
+    inputs = collate(fp32, obs, length_multiple=64)
+    assert inputs["input_ids"].shape[1] == 64
+    inputs["noise"] = torch.from_numpy(noise("main"))
+    padded = fp32.processor.pad_rows(inputs, 2, 4)
+    assert padded["image_grid_thw"].shape[0] == 8 and padded["position_ids"].shape[1] == 4
+    with torch.inference_mode():
+        out = fp32.model(**padded)
+    assert out.shape[0] == 4
+    assert max_diff(out[:2], traces["main"]["action_pred"]) <= 1e-5
+    assert max_diff(out[3], out[1]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Served: a real Serve app on the fixture checkpoint, a real ZMQ client (one app start)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_serve_app_answers_each_sample_as_its_reference_run_alone(ray_session, refs):
+    from ray import serve
+
+    from clients import PolicyClient
+    from conftest import app_entry, deploy_config, free_port
+
+    port = free_port()
+    app = app_entry("n17-parity", CHECKPOINT, {TAG: port}, embodiments={TAG: {
+        "device": "cpu", "dtype": "float32", "tokenizer": str(TOKENIZER), "backbone_config": str(TOKENIZER),
+    }})
+    deploy_config([app])
+    try:
+        with PolicyClient("127.0.0.1", port, timeout_ms=120_000) as client:
+            info = client.info()["embodiments"][TAG]
+            assert info["model"]["model_type"] == "Gr00tN1d7" and info["model"]["dtype"] == "float32"
+            action, action_info = client.get_action(nested_observation("main"), {"noise": noise("main")})
+    finally:
+        serve.delete("n17-parity")
+    assert action_info["server"]["batch_size"] >= 2
+    for key in ACTION_KEYS:
+        assert action[key].shape == (2, 16, refs["main"][f"action.{key}"].shape[-1])
+        assert max_diff(action[key], alone(refs, f"action.{key}")) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants of the fixture checkpoint: other horizons, flow steps, cameras, tags, and N1.7's processor switches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def variant(tmp_path, *, config=None, processor=None, modality=None, tag=None, weights=None) -> Path:
+    """A copy of the fixture checkpoint with config.json / processor_kwargs / the tag's modality configs edited,
+    the embodiment renamed, or tensors replaced."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(config or {})
+    (out / "config.json").write_text(json.dumps(cfg))
+    pc = json.loads((out / "processor_config.json").read_text())
+    pc["processor_kwargs"].update(processor or {})
+    for m, fields in (modality or {}).items():
+        pc["processor_kwargs"]["modality_configs"][TAG][m].update(fields)
+    stats = json.loads((out / "statistics.json").read_text())
+    if tag is not None:
+        mcs = pc["processor_kwargs"]["modality_configs"]
+        mcs[tag] = mcs.pop(TAG)
+        stats[tag] = stats.pop(TAG)
+        (out / "embodiment_id.json").unlink()  # NVIDIA's N1.7 rows apply
+    (out / "processor_config.json").write_text(json.dumps(pc))
+    (out / "statistics.json").write_text(json.dumps(stats))
+    if weights:
+        tensors = load_file(out / "model.safetensors")
+        tensors.update(weights)
+        save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+def served(path: Path, tag: str = TAG):
+    return load_policy(path, tag, device="cpu", dtype="float32", tokenizer=TOKENIZER, warmup=False)
+
+
+def test_fewer_action_steps_than_the_model_makes_decode_its_first_rows(tmp_path, refs):
+    pol = served(variant(tmp_path, modality={"action": {"delta_indices": list(range(8))}}))
+    action, _ = pol.get_action(nested_observation("b1"), {"noise": noise("b1")})
+    for key in ACTION_KEYS:
+        assert action[key].shape[1] == 8
+        assert max_diff(action[key], refs["b1"][f"action.{key}"][:, :8]) <= 1e-4
+
+
+def test_other_flow_steps_and_one_camera(tmp_path, fp32):
+    pol = served(variant(tmp_path, config={"num_inference_timesteps": 2}, modality={"video": {"modality_keys": ["front"]}}))
+    obs = nested_observation("main")
+    del obs["video"]["wrist"]
+    action, _ = pol.get_action(obs, {"noise": noise("main")})
+    full, _ = fp32.get_action(nested_observation("main"), {"noise": noise("main")})
+    assert all(np.isfinite(action[k]).all() for k in ACTION_KEYS)
+    assert max_diff(action["arm"], full["arm"]) > 1e-3
+    inputs = collate(pol, obs)
+    assert inputs["image_grid_thw"].shape[0] == 2  # one image per sample
+    assert [int(k / 2 * 1000) for k in range(2)] == [0, 500] and pol.model.config.num_inference_timesteps == 2
+    # The batch is still each sample alone.
+    second = {m: {k: v[1:] for k, v in section.items()} for m, section in obs.items()}
+    lone, _ = pol.get_action(second, {"noise": noise("main")[1:]})
+    assert max_diff(action["arm"][1], lone["arm"][0]) <= 1e-5
+
+
+def test_another_tag_takes_nvidias_projector_row(tmp_path, fp32):
+    pol = served(variant(tmp_path, tag="libero_sim"), "libero_sim")
+    assert pol.spec.embodiment_id == 2 and pol.describe()["embodiment_tag"] == "libero_sim"
+    action, _ = pol.get_action(nested_observation("b1"), {"noise": noise("b1")})
+    other, _ = fp32.get_action(nested_observation("b1"), {"noise": noise("b1")})
+    assert max_diff(action["arm"], other["arm"]) > 1e-3  # another row of the per-embodiment layers
+
+
+def test_state_history_is_flattened_into_one_token(tmp_path, refs):
+    """state_history_length 2: the encoder reads [previous, current] normalised states. With the previous step's
+    rows of its first matrix zeroed, the answer is the one-step model's: the reference."""
+    w = load_file(CHECKPOINT / "model.safetensors")["action_head.state_encoder.layer1.W"]  # (K, 16, hidden)
+    pol = served(variant(tmp_path, config={"state_history_length": 2}, modality={"state": {"delta_indices": [-1, 0]}},
+                         weights={"action_head.state_encoder.layer1.W": torch.cat([torch.zeros_like(w), w], dim=1)}))
+    obs = nested_observation("b1")
+    obs["state"] = {k: np.concatenate([np.full_like(v, 0.3), v], axis=1) for k, v in obs["state"].items()}
+    state = collate(pol, obs)["state"]
+    assert tuple(state.shape) == (1, 1, 32)
+    assert max_diff(state[:, :, 16:], refs["b1"]["proc.state"]) <= 1e-6
+    action, _ = pol.get_action(obs, {"noise": noise("b1")})
+    for key in ACTION_KEYS:
+        assert max_diff(action[key], refs["b1"][f"action.{key}"]) <= 1e-4
+
+
+def test_exclude_state_feeds_zeros_and_still_anchors_relative_actions(tmp_path, refs):
+    pol = served(variant(tmp_path, processor={"exclude_state": True}))
+    obs = nested_observation("b1")
+    inputs = collate(pol, obs)
+    assert not inputs["state"].any()
+    action, _ = pol.get_action(obs, {"noise": noise("b1")})
+    moved = {k: v + 0.5 for k, v in obs["state"].items()}
+    shifted, _ = pol.get_action({**obs, "state": moved}, {"noise": noise("b1")})
+    # The model never saw the state: the relative arm moves with it exactly, the absolute gripper not at all.
+    assert max_diff(shifted["arm"] - action["arm"], np.full_like(action["arm"], 0.5)) <= 1e-5
+    assert max_diff(shifted["gripper"], action["gripper"]) == 0.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"processor": {"use_mean_std": True}}, "use_mean_std is true"),
+    ({"processor": {"max_action_horizon": 8}}, "more than max_action_horizon 8"),
+    ({"processor": {"max_state_dim": 32}}, "max_state_dim is 32, config.json max_state_dim is 16"),
+    ({"config": {"state_history_length": 2}}, "state_history_length is 2"),
+    ({"config": {"vl_self_attention_cfg": {"num_layers": 1, "num_attention_heads": 3, "attention_head_dim": 32}}},
+     "must equal backbone_embedding_dim 64"),
+    ({"config": {"select_layer": 9}}, "select_layer 9 > the backbone's 4 text layers"),
+])
+def test_what_cannot_be_served_is_refused_by_name(tmp_path, edit, message):
+    from policy import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        served(variant(tmp_path, **edit))
+
+
+def test_n17_small_demo_checkpoint_serves_with_backend_auto(tmp_path):
+    from policy import build_demo_checkpoint
+
+    path = build_demo_checkpoint(tmp_path / "n17", preset="n17-small", embodiments=("gr1",))
+    pol = load_policy(path, "gr1", device="cpu", backend="auto")
+    assert pol.backend == "native" and pol.describe()["model"]["preset"] == "n17-small"
+    assert pol.describe()["noise_shape"] == [16, 32]
+    obs = pol.dummy_observation(3)
+    obs["language"] = {k: [["pick up the cube"], ["open the drawer"], ["place the red apple in the bowl now"]]
+                       for k in obs["language"]}
+    batched, _ = pol.get_action(obs, {"seed": 7})
+    first = {m: {k: v[:1] for k, v in section.items()} for m, section in obs.items()}
+    noise0 = torch.randn((3, 16, 32), generator=torch.Generator().manual_seed(7))[:1].numpy()
+    lone, _ = pol.get_action(first, {"noise": noise0})
+    for key, value in batched.items():
+        assert value.shape == (3, 16, pol.action_dims[key]) and np.isfinite(value).all()
+        assert max_diff(value[:1], lone[key]) <= 1e-5
