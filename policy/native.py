@@ -330,11 +330,15 @@ class NativePolicy(BasePolicy):
         return {k: np.concatenate([np.asarray(o["state"][k], dtype=np.float32) for o in observations], axis=0)
                 for k in self.spec.state_keys}
 
-    def normalized_actions(self, observation: dict[str, Any], noise: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def normalized_actions(self, observation: dict[str, Any], noise: np.ndarray | torch.Tensor,
+                           update_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The model's normalised actions (B, action_horizon, max_action_dim), float32 on the CPU, for one
-        observation and its initial noise: what the precision tolerances are stated on."""
+        observation, its initial noise and (real-time chunking, policy.rtc) the rows' update weights: what the
+        precision tolerances are stated on."""
         clean, _ = self._prepare_observation(observation)
         inputs = self.processor.collate([clean], self._states([clean]), device=self.device, dtype=self.dtype)
+        if update_weights is not None:
+            inputs["update_weights"] = update_weights.to(self.device)
         with torch.inference_mode():
             return self.model(**inputs, noise=torch.as_tensor(noise, dtype=torch.float32).to(self.device)).cpu()
 

@@ -663,3 +663,29 @@ def test_n17_small_demo_checkpoint_serves_with_backend_auto(tmp_path):
     for key, value in batched.items():
         assert value.shape == (3, 16, pol.action_dims[key]) and np.isfinite(value).all()
         assert max_diff(value[:1], lone[key]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real-time chunking: the reference's RTC call (NVIDIA's inpainting, as LeRobot drives it)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_rtc_call_matches_the_reference_with_frozen_rows_exact(fp32):
+    """x0 = the noise with its first 8 rows replaced by the previous chunk's last 8 normalised rows; updates of
+    rows 0-2 weighted 0, rows 3-7 ramped (rate 6), the rest 1. Sample 1 (no left padding) is compared whole;
+    sample 0 sat behind 13 pad tokens in upstream's batch, whose unmasked VL self-attention changes its answer
+    (see the batch-invariance tests), so of it only the frozen rows are compared."""
+    from policy.rtc import update_weights
+
+    with np.load(FIXTURES / "reference" / "ref_rtc.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    overlap, given, frozen = (int(v) for v in ref["rtc.options"][[1, 0, 2]])
+    assert (overlap, frozen, float(ref["rtc.ramp_rate"])) == (8, 3, 6.0)
+    x0 = noise("rtc").copy()
+    x0[:, :overlap] = ref["rtc.prefix_input"][:, given - overlap:given]
+    np.testing.assert_array_equal(x0, ref["denoise.x_t"][0])  # the reference's x entering step 0
+    weights = update_weights(x0.shape[1], frozen, overlap, float(ref["rtc.ramp_rate"]))[None, :, None].expand(2, -1, -1)
+    pred = fp32.normalized_actions(nested_observation("rtc"), torch.from_numpy(x0), weights).numpy()
+    np.testing.assert_array_equal(pred[:, :frozen], x0[:, :frozen])  # bit-exact, padded dims (zeros) included
+    assert max_diff(pred[1], ref["action_pred"][1]) <= 1e-4
+    assert max_diff(pred[:, :frozen], ref["action_pred"][:, :frozen]) == 0.0
