@@ -236,7 +236,8 @@ class Gr00tN17Backbone(nn.Module):
         valid_mask = attention_mask.bool()
         image_mask = input_ids == self.image_token_id
         merged, deepstack = self.vision(pixel_values, image_grid_thw)
-        n_slots = int(image_mask.sum())
+        # Checked eagerly only: the count is a device-to-host sync, which compiled graphs must not have.
+        n_slots = merged.shape[0] if torch.compiler.is_compiling() else int(image_mask.sum())
         if n_slots != merged.shape[0]:
             raise N17ModelError(
                 f"input_ids: expected {merged.shape[0]} image tokens (id {self.image_token_id}) for "
