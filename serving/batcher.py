@@ -65,6 +65,7 @@ class _Pending:
     received: float  # time.time() at the ingress
     deadline: float  # time.time() past which the robot gets "deadline exceeded" instead of an action
     seq: int = 0  # arrival order: ties of deadline go oldest first
+    queued: float = 0.0  # time.time() when it joined the queue (a request's trace)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # Queue order: the tighter deadline class first (its budget to two digits), then the earliest deadline.
     key: tuple[float, float, int] = field(init=False)
@@ -95,6 +96,7 @@ class Delivered:
     queue_ms: float
     infer_ms: float
     predicted_ms: float | None = None  # the scheduler's prediction of this batch's forward pass (edf)
+    trace: dict[str, float] | None = None  # queued, sent, back and the replica's hops (epoch s)
 
 
 class EmbodimentBatcher:
@@ -293,6 +295,7 @@ class EmbodimentBatcher:
             self._wake.set()
         else:
             self._queue.put_nowait(pending)
+        pending.queued = time.time()
         try:
             delivered = await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
@@ -476,9 +479,13 @@ class EmbodimentBatcher:
             if outcome.error is None:
                 self.counts["on_time"] += finished <= p.deadline
             queue_ms = max(0.0, (timing.get("forward_start", p.received) - p.received) * 1000.0)
+            trace = {"queued": p.queued, "sent": started, "back": finished, **reply.trace}
+            if "forward_start" in timing:
+                trace["forward_start"] = timing["forward_start"]
+                trace["forward_end"] = timing["forward_start"] + timing.get("infer_ms", 0.0) / 1000.0
             p.future.set_result(
                 Delivered(outcome, reply.replica, int(timing.get("batch_size", 0)), queue_ms,
-                          timing.get("infer_ms", 0.0), predicted_ms)
+                          timing.get("infer_ms", 0.0), predicted_ms, trace)
             )
 
     def _learn(self, reply: BatchReply, call_ms: float) -> None:

@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import time
+from collections import deque
 from importlib import metadata
 from typing import Any
 
@@ -143,13 +144,31 @@ class _ModelCounts:
         return out
 
 
+class _ReplyHops:
+    """Encode and send times of the last traced replies: the hops a reply's own trace cannot carry."""
+
+    def __init__(self, size: int = 512):
+        self._encode: deque[float] = deque(maxlen=size)
+        self._send: deque[float] = deque(maxlen=size)
+
+    def add(self, encode_s: float, send_s: float) -> None:
+        self._encode.append(encode_s * 1000.0)
+        self._send.append(send_s * 1000.0)
+
+    def status(self) -> dict[str, float | None]:
+        def p50(xs):
+            return round(sorted(xs)[len(xs) // 2], 4) if xs else None
+        return {"encode_ms_p50": p50(self._encode), "send_ms_p50": p50(self._send), "replies": len(self._encode)}
+
+
 class _Call:
     """What the metrics need to know about one request, filled in as it is parsed."""
 
-    __slots__ = ("embodiment", "endpoint", "outcome", "encoding", "model")
+    __slots__ = ("embodiment", "endpoint", "outcome", "encoding", "model", "traced")
 
     def __init__(self, embodiment: str):
         self.embodiment, self.endpoint, self.outcome, self.model = embodiment, "unknown", "ok", None
+        self.traced = False
         self.encoding: ArrayEncoding | None = None  # of the request's arrays: the reply's goes the same way
 
 
@@ -208,6 +227,7 @@ class ZmqIngress:
         self._closing = False
         self._metrics = MetricsBuffer(FleetMetrics())
         self._robots: dict[int, int] = {}
+        self._hops = _ReplyHops()
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._flush_metrics(), name="metrics"),
                             loop.create_task(self._watch_replicas(), name="replicas")]
@@ -340,15 +360,15 @@ class ZmqIngress:
         token = port.api_token if port.api_token is not None else self.config.api_token
         while not self._closing:
             frames = await sock.recv_multipart(copy=False)
-            task = asyncio.get_running_loop().create_task(self._answer(sock, port, token, frames))
+            received = time.time()
+            task = asyncio.get_running_loop().create_task(self._answer(sock, port, token, frames, received))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
 
-    async def _answer(self, sock, port: PortConfig, token: str | None, frames: list[zmq.Frame]) -> None:
+    async def _answer(self, sock, port: PortConfig, token: str | None, frames: list[zmq.Frame], received: float) -> None:
         # A REQ robot's request arrives as [identity, b"", body]; the reply must go back the same way.
         if len(frames) < 3 or frames[-2].bytes != b"":
             return  # not a REQ peer; there is no envelope to answer on
-        received = time.time()
         call = _Call(port.embodiment)
         try:
             reply = await self._respond(call, port, token, frames[-1].buffer, received)
@@ -358,17 +378,21 @@ class ZmqIngress:
             logger.exception("Unexpected error answering a request on port %d", port.port)
             reply = error_reply(f"internal error: {type(exc).__name__}: {exc}", ErrorKind.INTERNAL)
             call.outcome = ErrorKind.INTERNAL.value
+        t0 = time.perf_counter()
         try:
             payload = packb(reply, call.encoding or ArrayEncoding.NPY)
         except Exception as exc:
             payload = packb(error_reply(f"internal error: reply could not be encoded: {exc}", ErrorKind.INTERNAL))
             call.outcome = ErrorKind.INTERNAL.value
+        encoded = time.perf_counter()
         self._metrics.request(call.embodiment, call.endpoint, call.outcome)
         if call.model is not None:
             self._metrics.model_request(call.embodiment, call.model, call.outcome)
         if call.endpoint == "get_action":
             self._metrics.slo(call.embodiment, port.port, slo_outcome(call.outcome, reply))
         await sock.send_multipart([frames[0], b"", payload], copy=False)
+        if call.traced:
+            self._hops.add(encoded - t0, time.perf_counter() - encoded)
 
     async def _respond(self, call: "_Call", port: PortConfig, token: str | None, body, received: float) -> Any:
         try:
@@ -404,6 +428,7 @@ class ZmqIngress:
 
     async def _get_action(self, call: "_Call", port: PortConfig, tag: str, env, received: float) -> Any:
         req = parse_action_request(env.data, port.port_protocol)
+        decoded = time.time()
         if not 1 <= req.samples <= self.config.max_batch_per_request:
             raise RequestError(
                 f"observation: expected a batch size B from 1 to {self.config.max_batch_per_request}, got {req.samples}"
@@ -411,6 +436,8 @@ class ZmqIngress:
         options, asked = (dict(req.options) if req.options is not None else None), None
         model = await self._choose_model(tag, port, _pop_model_id(options, env.model_id))
         call.model = model
+        if options is not None and "trace" in options:
+            call.traced = bool(options.pop("trace"))  # ours, not the policy's: bench.hops asks for the hops
         if options is not None and "deadline_ms" in options:
             asked = options.pop("deadline_ms")  # ours, not the policy's
             if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
@@ -439,6 +466,8 @@ class ZmqIngress:
             "deadline_ms": round(budget_ms, 3),
             "total_ms": round(total_ms, 3),
         }
+        if call.traced and delivered.trace is not None:
+            info["server"]["trace"] = {"recv": received, "decoded": decoded, **delivered.trace, "reply": time.time()}
         return format_action_reply(req, outcome.action, info)
 
     async def _info(self, port: PortConfig) -> dict[str, Any]:
@@ -516,6 +545,7 @@ class ZmqIngress:
             "open_requests": len(self._handlers),
             "robots_connected": {str(p): n for p, n in self._robots.items()},
             "rss_mb": _rss_mb(),
+            "reply_hops": self._hops.status(),
             "version": VERSION,
         }
 

@@ -37,3 +37,6 @@ class BatchReply:
     # Models loaded on this replica now, least recently used first: the ingress's `info` says where each one is.
     models_resident: list[str] = field(default_factory=list)
     cold_load_ms: float = 0.0  # > 0: this call waited for its model to load on the replica (that long)
+    # When this call entered the replica, its @serve.batch handler started, and it returned (epoch s): the
+    # replica's hops of a request's trace (bench.hops).
+    trace: dict[str, float] = field(default_factory=dict)

@@ -281,8 +281,9 @@ class PolicyDeployment:
     async def infer(self, requests: list[InferenceRequest], load: dict[str, float] | None = None) -> BatchReply:
         """One batch from an ingress (of one model: the multiplexed id); `load` is its demand report
         (serving.batcher.EmbodimentBatcher.load)."""
+        entered = time.time()
         if load:
-            self._load, self._load_at = load, time.time()
+            self._load, self._load_at = load, entered
         name = serve.get_multiplexed_model_id()
         loads_before = self._loads.get(name, 0)
         try:
@@ -299,6 +300,7 @@ class PolicyDeployment:
             self._inflight_samples -= samples
         if self._loads.get(name, 0) != loads_before:  # this call waited on a cold load of its model
             reply.cold_load_ms = self._cold_load_ms.get(name, 0.0)
+        reply.trace = {**reply.trace, "replica_in": entered, "replica_out": time.time()}
         return reply
 
     def _current_load(self) -> dict[str, float]:
@@ -335,6 +337,7 @@ class PolicyDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _merge(self, policies: list[Any], calls: list[list[InferenceRequest]]) -> list[BatchReply]:
         # Calls of several models can merge here: one forward pass per model, never a mixed one.
+        batch_in = time.time()
         results: dict[int, tuple[list[InferenceOutcome], list[dict[str, float]]]] = {}
         for policy in {id(p): p for p in policies}.values():
             mine = [i for i, p in enumerate(policies) if p is policy]
@@ -353,7 +356,7 @@ class PolicyDeployment:
         resident = [DEFAULT_MODEL, *self._resident]
         return [
             BatchReply(results[i][0], self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
-                       results[i][1], models_resident=resident)
+                       results[i][1], models_resident=resident, trace={"batch_in": batch_in})
             for i in range(len(calls))
         ]
 
