@@ -6,7 +6,7 @@ server's policy package shares -- import without pyzmq or msgpack (bench/gpu_che
 """
 
 from .modality import ActionConfig, ActionFormat, ActionRepresentation, ActionType, ModalityConfig
-from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, RequestError, to_flat, to_nested
+from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, Refusal, RequestError, to_flat, to_nested
 
 _LAZY = {
     "PolicyClient": "client",
@@ -34,6 +34,7 @@ __all__ = [
     "PolicyServerError",
     "PolicyTimeoutError",
     "PortProtocol",
+    "Refusal",
     "RequestError",
     "check_observation",
     "packb",
