@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from bench.fleet import build_payloads, embodiment_of, fetch_info, parse_target
-from bench.run import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info, settle_replicas
+from bench.harness import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info, settle_replicas
 from clients.codec import packb, unpackb
 
 # (hop, what it covers, from stamp, to stamp); "send" and "robot" are the robot's own stamps.
