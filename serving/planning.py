@@ -1,4 +1,4 @@
-"""Deadline-aware scheduling decisions, free of Ray and asyncio: what the batcher asks before it sends.
+"""What the embodiment scheduler computes before it sends: pure arithmetic, free of Ray and asyncio.
 
 A robot needs its next action chunk before the current one runs out, so every get_action carries a deadline
 and the useful figure is actions delivered on time. Three decisions follow from a model of how long a
@@ -13,8 +13,13 @@ forward pass of n samples takes (fed by the replicas' own `infer_ms`):
 A request's own batch is judged by its tail time (`ForwardTimeModel.tail_factor`), not the mean: whether
 one request makes it depends on one pass, and passes on a shared machine vary.
 
-Everything here is a pure function of its inputs (times in seconds, `now` passed in) so it can be tested
-against a fake replica with a known latency curve.
+Besides those: how far a tight request can wait for a replica (`reach_s`) and so how long a batch may run
+(`batch_cap`), how many batches may travel at once (`inflight_slots`), when each replica frees (`free_at`),
+how much arrives per deadline class (`ClassRates`) and in all (`DemandMeter`), what one replica serves
+(`capacity_samples_per_s`) and how many replicas a demand needs (`replicas_needed`).
+
+Everything here is a function of its inputs (times in seconds, `now` passed in), so it is tested with
+numbers, without a clock, a loop or a replica (tests/test_planning.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 
 TAIL_QUANTILE = 0.9
@@ -311,3 +316,172 @@ def replicas_needed(demand_samples_per_s: float, capacity_per_replica: float | N
     if not capacity_per_replica:
         return 1.0
     return demand_samples_per_s / (capacity_per_replica * utilisation)
+
+
+# --- replicas: when they free, how many batches may travel ---------------------------------------------------
+
+REACH_MARGIN = 0.1  # of the tight budget: kept free of the reach, for the predictions' error
+CLEARLY_TIGHTER = 0.75  # a class is tighter than another when its budget is under this share of the other's
+
+
+def free_at(now: float, replicas: int, busy_until: Iterable[float]) -> list[float]:
+    """When each of `replicas` finishes what it runs now (predicted), earliest first; `now` for idle ones.
+    Batches in dispatch order run on the first replica to free (`busy_until`: each batch's predicted end)."""
+    free = [now] * max(1, replicas)
+    for end in sorted(busy_until):
+        free.sort()
+        free[0] = max(free[0], end)
+    return sorted(free)
+
+
+def inflight_slots(model: ForwardTimeModel, max_batch_size: int, overhead_ms: float, replicas: int,
+                   max_inflight: int) -> int:
+    """Batches in flight at once: one per replica, plus one waiting behind each when the round trip to the
+    replica is a noticeable share of a forward pass (a small model), so a replica that finishes starts the next at
+    once. Not more: a batch sent ahead is a commitment that a later, more urgent request cannot pass. At most
+    `max_inflight`; `max_inflight` itself until the model knows the forward time."""
+    full = model.predict(max_batch_size)
+    if full is None:
+        return max_inflight
+    depth = 1 + max(0, math.ceil(overhead_ms / max(full, 1e-3) - 0.1))
+    return max(1, min(max_inflight, replicas * min(depth, 2)))
+
+
+# --- the tight class's reach and the batch cap that keeps it ---------------------------------------------------
+
+
+def reach_s(model: ForwardTimeModel, tightest: tuple[float, float] | None, overhead_ms: float) -> float | None:
+    """How long a request of the tightest class can wait for a free replica and still make its deadline: its
+    budget less its own batch (itself and the tight requests arriving while it waits) and a margin.
+    `tightest`: (budget s, samples/s) of the tightest class (`ClassRates.tightest`). None when no class is
+    tighter than the others, or when even a free replica could not serve it."""
+    alone = service_ms(model, 1, overhead_ms, tail=True)
+    if tightest is None or alone is None:
+        return None
+    budget, rate = tightest
+    per_sample_s = model.per_sample_ms / 1000.0
+    reach = (budget * (1.0 - REACH_MARGIN) - alone / 1000.0) / (1.0 + per_sample_s * rate)
+    return reach if reach > 0 else None
+
+
+def largest_batch_within(model: ForwardTimeModel, seconds: float, overhead_ms: float, max_batch_size: int) -> int:
+    """The most samples (at least 1, at most max_batch_size) whose predicted service fits in `seconds`."""
+    fixed = model.fixed_ms + overhead_ms
+    per = max(model.per_sample_ms, 1e-6)
+    return max(1, min(max_batch_size, int((seconds * 1000.0 - fixed) / per)))
+
+
+def batch_cap(model: ForwardTimeModel, start: float, others: Sequence[float], reach: float | None,
+              overhead_ms: float, max_batch_size: int) -> int:
+    """Samples the batch starting at `start` may carry, the other replicas freeing at `others`.
+
+    Without preemption, a tight request is served when the next replica frees: so while the robots ask for a
+    tight class, no gap between two replicas freeing may outgrow its reach. This batch ends after the last of
+    the others, so it must end within the reach of that one; the replicas fall into step, each freeing about
+    reach / replicas after the previous, and a batch lasts up to replicas x reach: small enough to keep the
+    tight class, long enough to keep the throughput of batching."""
+    if reach is None:
+        return max_batch_size
+    end_by = max([start, *others]) + reach
+    return largest_batch_within(model, end_by - start, overhead_ms, max_batch_size)
+
+
+def steady_batch_size(model: ForwardTimeModel, replicas: int, reach: float | None, overhead_ms: float,
+                      max_batch_size: int) -> int:
+    """The batch size the replicas settle at under load (what admission plans the queue ahead with)."""
+    if reach is None:
+        return max_batch_size
+    return largest_batch_within(model, replicas * reach, overhead_ms, max_batch_size)
+
+
+def call_overhead_ms(current: float, call_ms: float, forward_ms: float, cold_load_ms: float) -> float:
+    """The EWMA of a batch call's time beyond its forward pass (Ray hops, (de)serialisation), after one more
+    call: robust to a call that stalled (a cold replica, a retry), which moves it only a little."""
+    extra = max(0.0, call_ms - forward_ms - cold_load_ms)
+    if current == 0.0:
+        return min(extra, OVERHEAD_FIRST_CAP_MS)
+    return 0.9 * current + 0.1 * min(extra, 2 * current + 5.0)
+
+
+OVERHEAD_FIRST_CAP_MS = 50.0  # a Ray call's own cost is a few ms; the first call can include a cold start
+
+
+# --- what arrives ----------------------------------------------------------------------------------------------
+
+
+class ClassRates:
+    """Samples per second arriving per deadline class (budgets rounded to two significant digits), over the
+    last `window_s`: what admission expects to pass a request from behind before its deadline."""
+
+    REUSE_S = 0.001  # the rates of a moment ago, unless something arrived since: several decisions read them at once
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._arrivals: dict[float, deque[tuple[float, int]]] = {}  # budget class -> (time, samples)
+        self._samples: dict[float, int] = {}  # budget class -> samples in its deque (read on every admission)
+        self._last: tuple[float, list[tuple[float, float]]] | None = None
+
+    def add(self, budget_s: float, samples: int, now: float) -> None:
+        key = budget_class(budget_s)
+        self._arrivals.setdefault(key, deque()).append((now, samples))
+        self._samples[key] = self._samples.get(key, 0) + samples
+        self._last = None
+
+    def rates(self, now: float) -> list[tuple[float, float]]:
+        """(budget, samples/s) of each class that sent lately."""
+        if self._last is not None and 0.0 <= now - self._last[0] < self.REUSE_S:
+            return self._last[1]
+        out = []
+        for key in list(self._arrivals):
+            q = self._arrivals[key]
+            while q and q[0][0] < now - self.window_s:
+                self._samples[key] -= q.popleft()[1]
+            if not q:
+                del self._arrivals[key], self._samples[key]
+            else:
+                out.append((key, self._samples[key] / self.window_s))
+        self._last = (now, out)
+        return out
+
+    def tightest(self, now: float) -> tuple[float, float] | None:
+        """(budget, samples/s) of the tightest class, when the robots ask for clearly different deadlines
+        (its budget under 3/4 of the loosest); None when there is one class only: then no class is traded
+        against another and batches need no cap beyond their own earliest deadline."""
+        rates = self.rates(now)
+        if not rates:
+            return None
+        tight = min(rates)
+        return tight if tight[0] < CLEARLY_TIGHTER * max(rates)[0] else None
+
+    def expected_tighter_samples(self, budget_s: float, deadline: float, now: float) -> float:
+        """Samples expected to arrive in a tighter class (they go first) while a request of `budget_s` waits:
+        those that still need a pass before its `deadline` (arrivals until its deadline less their budget).
+        Admission counts them as work ahead, so the loose robots' backlog leaves room for the tight ones."""
+        return sum(rate * max(0.0, deadline - budget - now)
+                   for budget, rate in self.rates(now) if budget < CLEARLY_TIGHTER * budget_s)
+
+
+class DemandMeter:
+    """Samples per second arriving (refused or not: refused demand is demand), over a sliding pair of
+    windows: what autoscaling hears."""
+
+    WINDOW_S = 2.0
+
+    def __init__(self, now: float):
+        self._start = now
+        self._samples = 0
+        self._last_rate = 0.0
+
+    def add(self, samples: int, now: float) -> None:
+        self._samples += samples
+        elapsed = now - self._start
+        if elapsed >= self.WINDOW_S:
+            self._last_rate = self._samples / elapsed
+            self._start, self._samples = now, 0
+
+    def rate(self, now: float) -> float:
+        elapsed = now - self._start
+        if elapsed >= 2 * self.WINDOW_S:  # nothing arrived for two windows: no demand
+            return self._samples / elapsed
+        current = self._samples / max(elapsed, 0.5)  # the first half second alone would overshoot
+        return max(self._last_rate, current)
