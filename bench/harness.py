@@ -178,6 +178,7 @@ class ServeRun:
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         env = dict(os.environ)
         env.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # as `make serve`
+        env.setdefault("RAY_worker_niceness", "0")  # as `make serve`: the replicas are the node's workload
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         serve_cli = Path(sys.executable).parent / "serve"
         cmd = [str(serve_cli) if serve_cli.exists() else "serve", "run", str(config_path)]

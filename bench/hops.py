@@ -113,7 +113,9 @@ def breakdown(traces: list[dict], reply_hops: dict[str, Any] | None) -> dict[str
     total = [(t["robot"] - t["send"]) * 1000.0 for t in traces]
     added = [(t["robot"] - t["send"] - (t["forward_end"] - t["forward_start"])) * 1000.0
              for t in traces if "forward_start" in t]
+    threads = [t["forward_threads"] for t in traces if "forward_threads" in t]
     return {"hops": rows, "total_p50_ms": _quantile(total, 0.5), "total_p90_ms": _quantile(total, 0.9),
+            "passes_on_threads": {str(n): threads.count(n) for n in sorted(set(threads))},
             "added_p50_ms": _quantile(added, 0.5), "replies": len(traces),
             "mean_batch_size": (sum(t.get("batch_size") or 0 for t in traces) / len(traces)) if traces else None}
 
@@ -172,6 +174,9 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'total (robot)':<16} " + " ".join(f"{_fmt(p['total_p50_ms']):>16} {_fmt(p['total_p90_ms']):>7}" for p in points))
     print(f"{'added (- fwd)':<16} " + " ".join(f"{_fmt(p['added_p50_ms']):>16} {'':>7}" for p in points))
     print(f"{'mean batch':<16} " + " ".join(f"{_fmt(p['mean_batch_size'], 2):>16} {'':>7}" for p in points))
+    for p in points:
+        if p.get("passes_on_threads"):
+            print(f"  {p['robots']} robot(s): replies by the torch threads of their pass: {p['passes_on_threads']}")
     s = result.get("serial")
     if s:
         print(f"\nserial reference, 1 robot, {s['torch_threads'] or 'default'} torch thread(s): p50 {_fmt(s['p50_ms'])} ms, "

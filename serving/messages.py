@@ -31,11 +31,12 @@ class InferenceOutcome:
 @dataclass
 class ForwardPass:
     """One forward pass of a reply: when it started (epoch s), how long it ran, how many samples it computed
-    (0 when every request in it had expired: it says nothing about forward time)."""
+    (0 when every request in it had expired: it says nothing about forward time), on how many torch threads."""
 
     start: float
     infer_ms: float
     samples: int
+    threads: int = 1
 
 
 @dataclass

@@ -360,7 +360,7 @@ class PolicyDeployment:
         if batch_size:
             self.model.observe(batch_size, infer_ms)
             self._thread_choice.observe(batch_size, threads, infer_ms)
-        return [_outcome(res) for res in results], ForwardPass(started, infer_ms, batch_size)
+        return [_outcome(res) for res in results], ForwardPass(started, infer_ms, batch_size, threads)
 
     def describe(self) -> dict[str, Any]:
         out = self.policy.describe()

@@ -117,6 +117,7 @@ class Delivered:
             if index >= 0:
                 p = reply.passes[index]
                 out["forward_start"], out["forward_end"] = p.start, p.start + p.infer_ms / 1000.0
+                out["forward_threads"] = p.threads
         return out
 
 
