@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[test,bench]"
 	touch $(STAMP)
 
+# Ray starts its workers at niceness 15, below its own daemons and anything else on the node; the replicas are
+# this node's workload, so they run at 0 (on a busy 2-core machine the forward pass ran ~1.5 ms slower at 15).
 serve: setup
-	RAY_SERVE_ENABLE_TASK_EVENTS=0 $(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_ENABLE_TASK_EVENTS=0 RAY_worker_niceness=0 $(VENV)/bin/serve run serve_config.yaml
 
 setup-gr00t: $(GR00T_STAMP)
 

@@ -260,10 +260,11 @@ def build_payloads(target: Target, embodiment: dict[str, Any], batch: int, image
 
 
 def _error_kind(reply: dict[str, Any]) -> str:
-    """Group error replies by their kind (`{"error": ..., "kind": ...}`), or, from servers that send no kind
-    (upstream's), by their message prefix: up to the first ':' (at most 60 characters)."""
+    """Group error replies by their kind and reason (`{"error": ..., "kind": ..., "reason": ...}`), or, from
+    servers that send no kind (upstream's), by their message prefix: up to the first ':' (at most 60 characters)."""
     if isinstance(reply.get("kind"), str):
-        return f"error reply: {reply['kind']}"
+        reason = reply.get("reason")
+        return f"error reply: {reply['kind']}" + (f" ({reason})" if isinstance(reason, str) else "")
     text = str(reply["error"])
     head = text.split(":", 1)[0] if ":" in text[:61] else text[:60]
     return f"error reply: {head.strip()}"

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.run import CACHE, RESULTS, ServeRun, free_port, log, machine_info, replica_processes
+from bench.harness import CACHE, RESULTS, ServeRun, free_port, log, machine_info, replica_processes
 
 POLICY = "gr1"
 # Logical Ray CPUs kept for the ingresses (one per app); the rest is divided among the policy replicas.

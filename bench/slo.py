@@ -38,9 +38,10 @@ from typing import Any, Sequence
 import zmq
 import zmq.asyncio
 
-from bench.run import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info
-from clients.codec import packb, unpackb
+from bench.harness import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info
 from bench.fleet import build_payloads, embodiment_of, fetch_info, parse_target
+from clients.codec import packb, unpackb
+from clients.protocol import Refusal
 
 # Per preset: control rate and the two deadline classes. small's forward pass is ~0.25 s alone and ~2.7 s at
 # 16 samples on one CPU thread, so its deadlines are seconds; tiny's are tens of ms.
@@ -49,6 +50,7 @@ PRESETS = {
     "tiny": {"hz": 20.0, "tight_ms": 60.0, "loose_ms": 250.0},
 }
 CAPACITY_ROBOTS = 16
+EXPIRED = (Refusal.EXPIRED_WAITING.value, Refusal.EXPIRED_ON_REPLICA.value)
 ATTAINMENT_GOAL = 0.99
 
 
@@ -57,8 +59,8 @@ class ClassStats:
     sent: int = 0
     on_time: int = 0
     late: int = 0  # an action that came after its deadline
-    refused: int = 0  # "deadline: refused early ..."
-    expired: int = 0  # "deadline exceeded ..."
+    refused: int = 0  # reason refused_early
+    expired: int = 0  # reason expired_waiting or expired_on_replica
     other_errors: int = 0
     no_answer: int = 0  # nothing within deadline + answer_grace_s
     worst_past_deadline_s: float = 0.0
@@ -118,10 +120,10 @@ async def _robot(ctx, address: str, payload: bytes, hz: float | None, deadline_m
                     past = got - sent - deadline_ms / 1000.0
                     stats.worst_past_deadline_s = max(stats.worst_past_deadline_s, past)
                     if isinstance(reply, dict) and "error" in reply:
-                        msg = str(reply["error"])
-                        if msg.startswith("deadline: refused early"):
+                        reason = reply.get("reason")  # the message is for people; the reason is what to count
+                        if reason == Refusal.REFUSED_EARLY.value:
                             stats.refused += 1
-                        elif msg.startswith("deadline"):
+                        elif reason in EXPIRED:
                             stats.expired += 1
                         else:
                             stats.other_errors += 1

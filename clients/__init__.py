@@ -7,7 +7,7 @@ server's policy package shares -- import without pyzmq or msgpack (bench/gpu_che
 """
 
 from .modality import ActionConfig, ActionFormat, ActionRepresentation, ActionType, ModalityConfig
-from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, RequestError, to_flat, to_nested
+from .protocol import ArrayEncoding, ErrorKind, ObservationForm, PortProtocol, Refusal, RequestError, to_flat, to_nested
 
 _LAZY = {
     "ChunkExecutor": "chunk_executor",
@@ -37,6 +37,7 @@ __all__ = [
     "PolicyServerError",
     "PolicyTimeoutError",
     "PortProtocol",
+    "Refusal",
     "RequestError",
     "check_observation",
     "packb",

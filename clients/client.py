@@ -23,11 +23,13 @@ __all__ = ["PolicyClient", "PolicyServerError", "PolicyTimeoutError", "check_obs
 
 class PolicyServerError(RuntimeError):
     """The server answered `{"error": message, "kind": kind}`; `str(exc)` and `exc.message` are the server's message,
-    `exc.kind` one of `clients.protocol.ERROR_KINDS` (None from servers that send no kind, such as upstream's)."""
+    `exc.kind` one of `clients.protocol.ERROR_KINDS` (None from servers that send no kind, such as upstream's),
+    `exc.reason` a `clients.protocol.Refusal` value where a valid get_action got no action (else None)."""
 
-    def __init__(self, message: str, kind: str | None = None) -> None:
+    def __init__(self, message: str, kind: str | None = None, reason: str | None = None) -> None:
         self.message = message
         self.kind = kind
+        self.reason = reason
         super().__init__(message)
 
 
@@ -224,7 +226,8 @@ class PolicyClient:
         reply = unpackb(self._roundtrip(packb(request)))
         error = reply_error(reply)
         if error is not None:
-            raise PolicyServerError(*error)
+            reason = reply.get("reason")
+            raise PolicyServerError(*error, reason=reason if isinstance(reason, str) else None)
         return reply
 
     # -- endpoints ---------------------------------------------------------------------------------------

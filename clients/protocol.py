@@ -14,8 +14,9 @@ numpy only (no msgpack, no zmq): what travels, not how bytes move. `clients.code
 - Observation forms: nested (`{"video": {cam: arr}, "state": {key: arr}, "language": {key: [[str]] * B}}`), flat
   as upstream's simulation wrapper sends it (`"video.<cam>"`, `"state.<key>"`, the language key holding B
   strings; the reply's keys are `"action.<key>"`), and N1.5 (flat, as `data` itself, B optional).
-- Errors: `{"error": message, "kind": ErrorKind}`. Every client generation raises on a map reply holding
-  `"error"`; `kind` is ours and lets tools sort errors without reading the message.
+- Errors: `{"error": message, "kind": ErrorKind}`, plus `"reason": Refusal` where a valid get_action got no
+  action (refused early, expired, overloaded). Every client generation raises on a map reply holding `"error"`;
+  `kind` and `reason` are ours and let tools sort errors without reading the message, which is for people.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class ErrorKind(str, enum.Enum):
 ERROR_KINDS: tuple[str, ...] = tuple(k.value for k in ErrorKind)
 
 
+class Refusal(str, enum.Enum):
+    """Why a valid get_action got no action (the `reason` of its error reply): what the server's SLO metrics,
+    its status page and the benchmarks count. Finer than ErrorKind; the message says the same for people."""
+
+    OVERLOADED = "overloaded"  # the embodiment's queue was full: retry later
+    REFUSED_EARLY = "refused_early"  # predicted to miss its deadline, so refused at once: resend a fresh observation
+    EXPIRED_WAITING = "expired_waiting"  # admitted, then its deadline passed while it waited for a batch
+    EXPIRED_ON_REPLICA = "expired_on_replica"  # its deadline passed while its batch was on (or on its way to) a replica
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class PortProtocol(str, enum.Enum):
     """Which client generations a port speaks (`ingress.ports[].protocol`)."""
 
@@ -73,15 +87,20 @@ class ObservationForm(str, enum.Enum):
 
 
 class RequestError(ValueError):
-    """A request the server refuses; it goes back to the robot as `{"error": message, "kind": kind}`."""
+    """A request the server refuses; it goes back to the robot as `{"error": message, "kind": kind}` (and
+    `"reason": reason` when it has one)."""
 
-    def __init__(self, message: str, kind: ErrorKind | str = ErrorKind.BAD_REQUEST):
+    def __init__(self, message: str, kind: ErrorKind | str = ErrorKind.BAD_REQUEST, reason: Refusal | None = None):
         super().__init__(message)
         self.kind = ErrorKind(kind)
+        self.reason = reason
 
 
-def error_reply(message: str, kind: ErrorKind | str) -> dict[str, str]:
-    return {"error": message, "kind": ErrorKind(kind).value}
+def error_reply(message: str, kind: ErrorKind | str, reason: Refusal | None = None) -> dict[str, str]:
+    reply = {"error": message, "kind": ErrorKind(kind).value}
+    if reason is not None:
+        reply["reason"] = reason.value
+    return reply
 
 
 def reply_error(reply: Any) -> tuple[str, str | None] | None:

@@ -1,7 +1,8 @@
 """The application builder: `import_path: serving.app:build_app` in serve_config.yaml.
 
 One policy deployment per embodiment, named after its tag, so serve_config.yaml sets each one's replicas,
-autoscaling and resources on its own; one ZMQ ingress in front of them.
+autoscaling and resources on its own; one ZMQ ingress in front of them. Demo checkpoints the args name are
+built here, in the driver, before any replica starts: replicas only load.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from serving import demo_checkpoints
 from serving.config import DEFAULT_MODEL, FleetArgs
 from serving.ingress import ZmqIngress
 from serving.policy_deployment import PolicyDeployment
@@ -28,6 +30,7 @@ SAMPLE_BALANCED = RequestRouterConfig(
 def build_app(args: FleetArgs) -> Application:
     if isinstance(args, dict):  # called from Python rather than through Serve's typed-args path
         args = FleetArgs.model_validate(args)
+    demo_checkpoints.build(demo_checkpoints.demo_sources(args))
     policies = {}
     for tag, emb in args.embodiments.items():
         # Batching goes in user_config only: changing it reconfigures replicas live instead of restarting them.

@@ -2,7 +2,7 @@
 
 The ingress holds the queue, so Serve's default signal (ongoing calls per replica) sees at most
 `max_inflight_batches` and says nothing about deadlines. Each batch carries the ingress's demand report
-(`serving.batcher.EmbodimentBatcher.load`): samples per second arriving (served or refused: refused demand
+(`serving.scheduler.EmbodimentScheduler.load`): samples per second arriving (served or refused: refused demand
 is demand), what one replica serves per second at full batches (from the forward-time model), and from
 these the replicas needed to serve the demand at 80% utilisation. Replicas keep the latest report and hand
 it to Serve (`record_autoscaling_stats`); a report older than a few seconds reads as no demand, so an idle

@@ -22,6 +22,7 @@ DEFAULT_CHECKPOINT_ROOT = "checkpoints"
 # serve_config.yaml (and cluster/serve_config.gpu.yaml). They are read when a worker process starts, so code
 # cannot set them; the ingress logs a warning when they are missing. Measured on the 2-core CI machine
 # (BENCHMARKS.md): a Serve handle call 3.4 -> 2.9 ms, with a 150 KB observation 7.1 -> 3.0 ms.
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 LOW_LATENCY_ENV_VARS: dict[str, str] = {
     # User code on the replica's own event loop: no hop to a second loop thread and back on every call. Safe
     # here: the ingress never blocks its loop, and the policy's forward pass runs in a worker thread.
@@ -31,6 +32,15 @@ LOW_LATENCY_ENV_VARS: dict[str, str] = {
     # One robot's observation (a 224x224 camera frame is 150 KB) travels inside the call instead of through
     # the object store (Ray's default limit is 100 KB); larger batches still go through the object store.
     "RAY_max_direct_call_object_size": str(2**20),
+    # The batches travel by Serve's gRPC transport (serving/models.py, ModelRegistry.batch_handle: ~1.2 ms less
+    # per call than an actor call), whose replicas and callers take messages up to 4 MiB by default: 16
+    # robots' 224x224 frames are 2.4 MB, a batch of 64 or several cameras more. 1 GiB; gRPC's own ceiling is 2.
+    GRPC_MAX_MESSAGE_ENV: str(2**30),
+    # OpenMP's threads spin this many rounds at a barrier before they sleep (libgomp's default, 300000, is
+    # milliseconds): within a pass the next parallel op comes sooner, so passes keep their speed (small, B=1 at
+    # two threads: 144 ms either way), but between passes a spinning thread no longer takes the second core from
+    # the ingress and Ray (tiny at two threads: 11 instead of 21 ms of CPU per 6 ms pass).
+    "GOMP_SPINCOUNT": "10000",
 }
 
 
@@ -360,6 +370,19 @@ class FleetArgs(_Strict):
         for name, src in cfg.models.items():
             out[name] = resolve_model_source(src, tag, self.checkpoint_root)
         return out
+
+
+def missing_demo_checkpoint(tag: str, source: ModelSource) -> str | None:
+    """Why a replica cannot load `source`, when it is a demo checkpoint nobody has built yet; else None.
+    Replicas only load: the app builder builds demo checkpoints (serving.demo_checkpoints)."""
+    if source.demo_preset is None or (Path(source.checkpoint or "") / "config.json").is_file():
+        return None
+    return (
+        f"demo checkpoint for {tag!r} ({source.demo_preset}, seed {source.demo_seed}) is not built at {source.checkpoint}: "
+        "the app builder builds the ones under `args:` before the replicas start; build the ones added live in "
+        "user_config with `python -m serving.demo_checkpoints <serve config>` before `serve deploy` (on every node "
+        "of a cluster, or under a checkpoint_root every node shares)"
+    )
 
 
 def resolve_model_source(src: ModelSource, tag: str, checkpoint_root: str) -> ModelSource:

@@ -66,3 +66,52 @@ class FreeCores:
         if usable is None:
             return None
         return max(1, min(share, int(usable + 0.5)))
+
+
+class ThreadChoice:
+    """Torch threads for a pass, chosen by measurement rather than by rule.
+
+    Two threads beat one on a long pass when the second core is free (small, B=1: ~200 vs ~250 ms; tiny, B=8:
+    11 vs 15 ms), and lose badly on a short one, or when another process takes that core (tiny, B=1: 3.8 ms at
+    one thread, 45-58 ms mean at two while other processes ran): OpenMP threads wait at a barrier per op. So for
+    each batch-size bucket (powers of two) it keeps the time per sample at one thread and at the most the free
+    cores allow (an EWMA of each), runs the faster, and re-measures the other every `explore_every`-th pass of
+    that bucket, because the node's load changes. More threads must win by `margin`: their spinning between
+    passes takes the second core from the ingress and Ray, which the pass time does not show (tiny at one robot:
+    the call's hops 40% slower with the replica at two threads)."""
+
+    def __init__(self, explore_every: int = 32, weight: float = 0.2, margin: float = 0.85):
+        self.explore_every = explore_every
+        self.weight = weight
+        self.margin = margin
+        self._ms_per_sample: dict[int, dict[int, float]] = {}  # bucket -> threads -> EWMA
+        self._passes: dict[int, int] = {}
+
+    @staticmethod
+    def _bucket(samples: int) -> int:
+        return max(1, samples).bit_length()
+
+    def choose(self, samples: int, most: int) -> int:
+        """Threads for a pass of `samples`, when the free cores allow up to `most`."""
+        if most <= 1:
+            return 1
+        bucket = self._bucket(samples)
+        seen = self._ms_per_sample.setdefault(bucket, {})
+        self._passes[bucket] = n = self._passes.get(bucket, 0) + 1
+        for threads in (1, most):
+            if threads not in seen:
+                return threads  # not measured at this width yet
+        best, other = (most, 1) if seen[most] < self.margin * seen[1] else (1, most)
+        return other if n % self.explore_every == 0 else best
+
+    def observe(self, samples: int, threads: int, infer_ms: float) -> None:
+        if samples <= 0 or infer_ms <= 0:
+            return
+        seen = self._ms_per_sample.setdefault(self._bucket(samples), {})
+        per_sample = infer_ms / samples
+        old = seen.get(threads)
+        seen[threads] = per_sample if old is None else (1 - self.weight) * old + self.weight * per_sample
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {f"<={2 ** b - 1}": {str(t): round(ms, 3) for t, ms in seen.items()}
+                for b, seen in sorted(self._ms_per_sample.items())}

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from clients.protocol import Refusal, RequestError
+
 MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 RATIO_BOUNDARIES = [0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
 # How a get_action ended against its deadline: an action in time, refused at once because it was predicted
 # late (the robot can resend at once), deadline passed while it waited, or another error.
 SLO_OUTCOMES = ("on_time", "refused_early", "expired", "error")
+_SLO_OUTCOME_OF = {Refusal.REFUSED_EARLY: "refused_early", Refusal.EXPIRED_WAITING: "expired",
+                   Refusal.EXPIRED_ON_REPLICA: "expired"}
+
+
+def slo_outcome(outcome: str, error: RequestError | None) -> str:
+    """How a get_action ended against its deadline (one of SLO_OUTCOMES), from its error's Refusal reason:
+    an action is always on time (the scheduler never hands one over after its deadline)."""
+    if outcome == "ok":
+        return "on_time"
+    return _SLO_OUTCOME_OF.get(error.reason, "error") if error is not None and error.reason is not None else "error"
 
 
 class FleetMetrics:

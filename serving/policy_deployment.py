@@ -5,15 +5,18 @@ multiplexed model id (set by the ingress, one id per batch), which loads it on f
 `max_models_per_replica` most recently used (Serve's `@serve.multiplexed`, which also routes a model's
 requests to the replicas that hold it). The set of fine-tunes follows the deployment's user_config live.
 
-The ingress sends one call per batch; `@serve.batch` merges calls that arrive while a forward pass runs
-(from several ingresses, or from one that is ahead of us), and the merged requests are cut into forward
-passes of at most `max_batch_size` samples. The forward pass runs in a worker thread so the replica's event
-loop keeps accepting calls (and health checks) meanwhile.
+The ingress sends one call per batch; the replica's pass queue (`serving.passes`) runs it at once when the
+replica is idle, and merges calls that arrive while a forward pass runs into the next one. The forward pass
+runs in a worker thread so the replica's event loop keeps accepting calls (and health checks) meanwhile.
+
+Replicas only load checkpoints: demo checkpoints are built where the app is built (`serving.app`), or with
+`python -m serving.demo_checkpoints` for ones added live through user_config.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -23,6 +26,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from clients.protocol import Refusal
 from serving.config import (
     DEFAULT_CHECKPOINT_ROOT,
     DEFAULT_MODEL,
@@ -31,34 +35,20 @@ from serving.config import (
     PolicyConfig,
     PolicyUserConfig,
     layout_mismatch,
+    missing_demo_checkpoint,
     resolve_model_source,
 )
-from serving.cores import FreeCores
-from serving.messages import BatchReply, InferenceOutcome, InferenceRequest
+from serving.cores import FreeCores, ThreadChoice
+from serving.messages import BatchReply, ForwardPass, InferenceOutcome, InferenceRequest
 from serving.metrics import ModelMetrics
-from serving.scheduler import ForwardTimeModel
+from serving.passes import PassQueue
+from serving.planning import ForwardTimeModel
 
 # The ingress's demand report rides on every batch; older than this, the embodiment is idle (autoscaling
 # sees no demand and scales down).
 LOAD_STALE_S = 5.0
 
 logger = logging.getLogger("ray.serve")
-
-
-def _chunks(requests: list[InferenceRequest], max_samples: int) -> list[list[InferenceRequest]]:
-    """Cut into consecutive runs of at most `max_samples` samples; one request is never split."""
-    out: list[list[InferenceRequest]] = []
-    run: list[InferenceRequest] = []
-    size = 0
-    for r in requests:
-        if run and size + r.samples > max_samples:
-            out.append(run)
-            run, size = [], 0
-        run.append(r)
-        size += r.samples
-    if run:
-        out.append(run)
-    return out
 
 
 class DeadlineExceeded(Exception):
@@ -70,7 +60,7 @@ _EXPIRED = DeadlineExceeded("deadline exceeded before its forward pass")
 
 def _outcome(result: Any) -> InferenceOutcome:
     if isinstance(result, DeadlineExceeded):
-        return InferenceOutcome(None, {}, f"deadline exceeded: {result}", "deadline")
+        return InferenceOutcome(None, {}, f"deadline exceeded: {result}", "deadline", Refusal.EXPIRED_ON_REPLICA.value)
     if not isinstance(result, BaseException):
         return InferenceOutcome(result[0], result[1])
     if isinstance(result, ValueError):  # PolicyInputError and friends: the message names the field
@@ -119,12 +109,12 @@ class PolicyDeployment:
 
         self.tag = tag
         path = Path(checkpoint)
+        # Before torch loads (seconds per try): a wrong path is the most common config mistake.
+        missing = missing_demo_checkpoint(tag, ModelSource(checkpoint=str(path), demo_preset=config.demo_preset))
+        if missing:
+            raise FileNotFoundError(missing)
         if config.demo_preset is None and config.backend == "native" and not (path / "config.json").is_file():
-            # Before torch loads (seconds per try): a wrong path is the most common config mistake.
             raise FileNotFoundError(f"checkpoint for {tag!r}: not a checkpoint directory: {path} (no config.json)")
-        if config.demo_preset is not None and not (path / "config.json").exists():
-            logger.info("Building the %r demo checkpoint for %s at %s (offline, once)", config.demo_preset, tag, path)
-            policy.ensure_demo_checkpoint(path, config.demo_preset, embodiments=(tag,))
         import torch
 
         self._torch = torch
@@ -142,7 +132,9 @@ class PolicyDeployment:
         self._load: dict[str, float] = {}
         self._load_at = 0.0
         self._inflight_samples = 0
-        self.model = ForwardTimeModel()
+        self.model = ForwardTimeModel()  # every pass: the speed the router weighs this replica by
+        self._thread_choice = ThreadChoice()
+        self._passes = PassQueue(self._forward)
         t0 = time.perf_counter()
         self.policy = policy.load_policy(str(path), tag, device=device, **self._load_kwargs())
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -169,6 +161,9 @@ class PolicyDeployment:
 
         # Decorated here, not on the class, because the limit is configuration (init args).
         self._fine_tune = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(_load_fine_tune)
+        # What loaded so far (torch, the model, Ray) lives as long as the replica: out of the collector's sight,
+        # so a full collection does not walk millions of objects in the middle of a robot's request.
+        gc.freeze()
         logger.info("Policy %s ready on %s (Ray GPU ids %s) from %s", tag, device, self._gpu_ids or "none", path)
 
     def _load_kwargs(self) -> dict[str, Any]:
@@ -183,7 +178,7 @@ class PolicyDeployment:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = PolicyUserConfig(**(user_config or {}))
         self.batching = cfg.batching()
-        self._merge.set_max_batch_size(self.batching.max_batch_size)
+        self._passes.max_batch_size = self.batching.max_batch_size
         if cfg.models is None:
             self._models = dict(self._base_models)
         else:
@@ -234,12 +229,13 @@ class PolicyDeployment:
         return loaded
 
     def _build(self, source: ModelSource) -> tuple[Any, float]:
-        """Load one fine-tune (building a demo one first, offline); the load alone is timed: the cold-load cost."""
+        """Load one fine-tune; the load alone is timed: the cold-load cost."""
         import policy
 
         path = Path(source.checkpoint or "")
-        if source.demo_preset is not None and not (path / "config.json").exists():
-            policy.ensure_demo_checkpoint(path, source.demo_preset, embodiments=(self.tag,), seed=source.demo_seed)
+        missing = missing_demo_checkpoint(self.tag, source)
+        if missing:
+            raise FileNotFoundError(missing)
         t0 = time.perf_counter()
         loaded = policy.load_policy(str(path), self.tag, device=self._device, **self._load_kwargs())
         return loaded, (time.perf_counter() - t0) * 1000.0
@@ -274,16 +270,17 @@ class PolicyDeployment:
     def _refused(self, requests: list[InferenceRequest], message: str, kind: str) -> BatchReply:
         return BatchReply(
             [InferenceOutcome(None, {}, message, kind) for _ in requests], self._replica, self.batching.max_batch_size,
-            self.batching.batch_wait_ms, [{} for _ in requests], models_resident=[DEFAULT_MODEL, *self._resident],
+            self.batching.batch_wait_ms, models_resident=[DEFAULT_MODEL, *self._resident],
         )
 
     # -- inference -------------------------------------------------------------------------------------------
 
     async def infer(self, requests: list[InferenceRequest], load: dict[str, float] | None = None) -> BatchReply:
         """One batch from an ingress (of one model: the multiplexed id); `load` is its demand report
-        (serving.batcher.EmbodimentBatcher.load)."""
+        (serving.scheduler.EmbodimentScheduler.load)."""
+        entered = time.time()
         if load:
-            self._load, self._load_at = load, time.time()
+            self._load, self._load_at = load, entered
         name = serve.get_multiplexed_model_id()
         loads_before = self._loads.get(name, 0)
         try:
@@ -295,11 +292,14 @@ class PolicyDeployment:
         samples = sum(r.samples for r in requests)
         self._inflight_samples += samples
         try:
-            reply = await self._merge(policy, requests)
+            share = await self._passes.run(policy, requests)
         finally:
             self._inflight_samples -= samples
+        reply = BatchReply(share.outcomes, self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
+                           share.passes, share.pass_of, models_resident=[DEFAULT_MODEL, *self._resident])
         if self._loads.get(name, 0) != loads_before:  # this call waited on a cold load of its model
             reply.cold_load_ms = self._cold_load_ms.get(name, 0.0)
+        reply.trace = {"replica_in": entered, "batch_in": share.taken, "replica_out": time.time()}
         return reply
 
     def _current_load(self) -> dict[str, float]:
@@ -320,49 +320,28 @@ class PolicyDeployment:
             "inflight_samples": float(self._inflight_samples),
         }
 
-    def _threads_for(self) -> int:
-        """Torch threads for the next forward pass: the cores free on this node, within this replica's share.
+    def _threads_for(self, samples: int) -> int:
+        """Torch threads for a pass of `samples`: at most the cores free on this node within this replica's share,
+        and of one thread or that many, whichever measured faster at this batch size (serving/cores.py).
 
         Ray gives an actor below one CPU one OpenMP thread; a replica alone on a 2-core machine would leave a
         core idle at one robot. The ingress reports how many replicas run busy deployments (`busy_replicas`);
-        each may take an equal share of the cores, and of that only what other processes leave idle
-        (serving/cores.py), so a second replica, or anything else busy on the node, gets its core back.
+        each may take an equal share of the cores, and of that only what other processes leave idle, so a second
+        replica, or anything else busy on the node, gets its core back.
         """
         busy = int(self._current_load().get("busy_replicas", 1) or 1)
         share = max(1, self._cores // max(1, busy))
-        threads = self._free_cores.threads(share)
-        return self._torch.get_num_threads() if threads is None else threads
+        most = self._free_cores.threads(share)
+        return self._thread_choice.choose(samples, self._torch.get_num_threads() if most is None else most)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _merge(self, policies: list[Any], calls: list[list[InferenceRequest]]) -> list[BatchReply]:
-        # Calls of several models can merge here: one forward pass per model, never a mixed one.
-        results: dict[int, tuple[list[InferenceOutcome], list[dict[str, float]]]] = {}
-        for policy in {id(p): p for p in policies}.values():
-            mine = [i for i, p in enumerate(policies) if p is policy]
-            flat = [r for i in mine for r in calls[i]]
-            outcomes: list[InferenceOutcome] = []
-            timings: list[dict[str, float]] = []
-            for chunk in _chunks(flat, self.batching.max_batch_size):
-                o, t = await asyncio.to_thread(self._forward, policy, chunk)
-                outcomes += o
-                timings += t
-            start = 0
-            for i in mine:
-                end = start + len(calls[i])
-                results[i] = (outcomes[start:end], timings[start:end])
-                start = end
-        resident = [DEFAULT_MODEL, *self._resident]
-        return [
-            BatchReply(results[i][0], self._replica, self.batching.max_batch_size, self.batching.batch_wait_ms,
-                       results[i][1], models_resident=resident)
-            for i in range(len(calls))
-        ]
-
-    def _forward(self, policy: Any, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], list[dict[str, float]]]:
+    def _forward(self, policy: Any, chunk: list[InferenceRequest]) -> tuple[list[InferenceOutcome], ForwardPass]:
+        """One forward pass, in the pass queue's worker thread."""
+        threads = self._torch.get_num_threads()
         if self._adaptive_threads:
-            threads = self._threads_for()
-            if threads != self._torch.get_num_threads():
-                self._torch.set_num_threads(threads)
+            wanted = self._threads_for(sum(r.samples for r in chunk))
+            if wanted != threads:
+                self._torch.set_num_threads(wanted)
+                threads = wanted
         started = time.time()
         t0 = time.perf_counter()
         # A request whose robot has already been told "deadline exceeded" is not worth a forward pass.
@@ -379,11 +358,10 @@ class PolicyDeployment:
             results[i] = res
         infer_ms = (time.perf_counter() - t0) * 1000.0
         batch_size = sum(r.samples for r, res in zip(chunk, results) if not isinstance(res, BaseException))
-        outcomes = [_outcome(res) for res in results]
-        timing = {"forward_start": started, "infer_ms": infer_ms, "batch_size": float(batch_size)}
         if batch_size:
             self.model.observe(batch_size, infer_ms)
-        return outcomes, [timing] * len(chunk)
+            self._thread_choice.observe(batch_size, threads, infer_ms)
+        return [_outcome(res) for res in results], ForwardPass(started, infer_ms, batch_size, threads)
 
     def describe(self) -> dict[str, Any]:
         out = self.policy.describe()

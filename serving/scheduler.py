@@ -1,313 +1,443 @@
-"""Deadline-aware scheduling decisions, free of Ray and asyncio: what the batcher asks before it sends.
+"""One embodiment's scheduler: its requests in, one Ray call per batch out, every robot an answer by its deadline.
 
-A robot needs its next action chunk before the current one runs out, so every get_action carries a deadline
-and the useful figure is actions delivered on time. Three decisions follow from a model of how long a
-forward pass of n samples takes (fed by the replicas' own `infer_ms`):
+A Ray call per request costs more than a small model's forward pass on a small machine (BENCHMARKS.md: 269 vs
+1948 req/s for 32 robots), so the requests of all an embodiment's models wait here and leave in batches.
+`EmbodimentScheduler` owns everything that decision needs, and nothing else writes it:
 
-- admission: a request whose predicted completion is past its deadline is refused at once (the robot can
-  resend a fresh observation) instead of waiting out its budget or being computed too late;
-- order: the tighter deadline class first, then the earliest deadline, so the requests that can still make
-  it go before the ones with slack (`budget_class`);
-- batch size: the largest batch whose predicted completion still meets the earliest deadline inside it.
+- the queue, across the embodiment's models, ordered by its policy (`serving.queues`: deadline-class EDF or FIFO);
+- the forward-time model (`planning.ForwardTimeModel`, fed by every reply's passes) and the call overhead;
+- the batches in flight (when each is predicted to end: when each replica frees) and how many replicas run;
+- admission (refused early, overloaded), expiry at the deadline, and the outcome of every request, each with its
+  `clients.protocol.Refusal` reason;
+- the dispatch decision, taken when something changes (a request arrives, a batch returns, a wait ends): a
+  lone request on an idle replica leaves in the same call that admitted it, without waking any task or timer.
 
-A request's own batch is judged by its tail time (`ForwardTimeModel.tail_factor`), not the mean: whether
-one request makes it depends on one pass, and passes on a shared machine vary.
-
-Everything here is a pure function of its inputs (times in seconds, `now` passed in) so it can be tested
-against a fake replica with a known latency curve.
+It waits `batch_wait_ms` only while another batch travels (robots answered together ride together again), never
+past a quarter of the earliest slack. The arithmetic is `serving.planning`'s; the order and what follows from it
+is the queue policy's; Ray is behind `send`, and time behind `clock` (the loop's timers run on the same clock in
+tests: tests/test_scheduler.py drives it on simulated time).
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from clients.protocol import ErrorKind, Refusal, RequestError
+from serving.messages import BatchReply, ForwardPass, InferenceOutcome, InferenceRequest
+from serving.planning import (
+    ClassRates,
+    DemandMeter,
+    ForwardTimeModel,
+    batch_cap,
+    call_overhead_ms,
+    capacity_samples_per_s,
+    free_at,
+    reach_s,
+    replicas_needed,
+    service_ms,
+    steady_batch_size,
+)
+from serving.queues import RequestQueue, Waiting, create_request_queue
+
+# A replica that died or restarts mid-call: get_action is idempotent, so the batch is sent again, until the
+# requests' deadline: a replica restart (reloading its checkpoint) takes seconds, not milliseconds.
+RETRYABLE = (RayActorError, ActorUnavailableError)
+MAX_BACKOFF_S = 1.0
+STACKED_S = 0.1  # a batch whose forward pass starts this long after it was sent waited behind another
+REPLICA_SEEN_S = 10.0
+UTILISATION = 0.8  # autoscaling sizes the replicas for the demand at this share of their capacity
+
+# (model, requests, demand report) -> the replica's reply; the call is issued before the awaitable returns.
+Send = Callable[[str, list[InferenceRequest], dict[str, float]], Awaitable[BatchReply]]
 
 
-TAIL_QUANTILE = 0.9
-TAIL_WINDOW = 64  # passes
-TAIL_MIN_OBSERVATIONS = 8
+async def _within(awaitable: Awaitable[Any], seconds: float) -> Any:
+    """`await awaitable`, cancelled with a TimeoutError after `seconds`: asyncio.wait_for would wrap it in a
+    task of its own (one more loop turn each way on every batch), asyncio.timeout needs Python 3.11."""
+    task = asyncio.current_task()
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(max(0.0, seconds), fire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if fired:
+            raise TimeoutError(f"no reply within {seconds:.3f} s") from None
+        raise
+    finally:
+        timer.cancel()
 
 
-def budget_class(budget_s: float) -> float:
-    """A request's deadline class: its time budget to two significant digits (1.5 s, 4.0 s, 0.25 s).
+@dataclass(eq=False)
+class Batch:
+    """A batch on its way to (or on) a replica."""
 
-    The queue serves the tighter class first, then the earliest deadline (deadline-monotonic between
-    classes, EDF within one). Pure EDF would let a loose request that has waited most of its budget go
-    before a tight one that just came, so any error in predicting the loose backlog lands on the tight
-    robots; class first, it lands on the loose ones, who have the slack to absorb it (and admission counts
-    the tighter arrivals expected ahead of a loose request)."""
-    return float(f"{budget_s:.2g}")
-
-
-class ForwardTimeModel:
-    """Predicted forward-pass time of a batch of n samples: fixed + per_sample * n (ms), fitted online.
-
-    Exponentially weighted least squares over the recent replies (memory ~ 1 / (1 - decay) batches), with a
-    weak ridge pull of the slope toward half the mean time per sample: while every batch had the same size
-    the slope cannot be told from the data, and the pull keeps the extrapolation to other sizes sane.
-    Robust to stalls both ways: an observation over 3x or under 1/3 of the prediction is set aside (a GC
-    pause, a descheduled core, a replica's cold first pass); the third such in a row in the same direction
-    is a lasting change (another machine, another thread count) and the fit restarts from it. Until it has
-    `min_observations` since a (re)start the model is not `ready` and the scheduler refuses nothing on it.
-    """
-
-    def __init__(self, decay: float = 0.95, ridge: float = 0.3, min_observations: int = 3):
-        self._ratios: deque[float] = deque(maxlen=TAIL_WINDOW)  # observed / predicted, of the recent passes
-        self._tail = 1.0  # tail_factor, recomputed when a ratio comes in (read on every planned batch)
-        self.decay = decay
-        self.ridge = ridge
-        self.min_observations = min_observations
-        self._reset()
-        self.fixed_ms = 0.0
-        self.per_sample_ms = 0.0
-        self._streak = 0  # consecutive outliers: > 0 high, < 0 low
-
-    def _reset(self) -> None:
-        self._s0 = self._s1 = self._s2 = self._t0 = self._t1 = 0.0
-        self.observations = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.observations >= self.min_observations
-
-    def observe(self, samples: int, infer_ms: float) -> None:
-        if samples <= 0 or not math.isfinite(infer_ms) or infer_ms <= 0:
-            return
-        if self.observations > 0:
-            ratio = infer_ms / max(self.fixed_ms + self.per_sample_ms * samples, 1e-6)
-            direction = 1 if ratio > 3.0 else -1 if ratio < 1 / 3 else 0
-            if direction:
-                self._streak = self._streak + direction if self._streak * direction > 0 else direction
-                if abs(self._streak) < 3:
-                    return  # an outlier, until it repeats
-                self._reset()  # a lasting change: start over from here
-            self._streak = 0
-            if self.ready:
-                self._ratios.append(ratio)
-                if len(self._ratios) >= TAIL_MIN_OBSERVATIONS:
-                    ordered = sorted(self._ratios)
-                    self._tail = max(1.0, ordered[min(len(ordered) - 1, int(TAIL_QUANTILE * len(ordered)))])
-        d = self.decay
-        n = float(samples)
-        self._s0 = d * self._s0 + 1.0
-        self._s1 = d * self._s1 + n
-        self._s2 = d * self._s2 + n * n
-        self._t0 = d * self._t0 + infer_ms
-        self._t1 = d * self._t1 + n * infer_ms
-        self.observations += 1
-        self._fit()
-
-    def _fit(self) -> None:
-        mean_n = self._s1 / self._s0
-        mean_y = self._t0 / self._s0
-        guess = 0.5 * mean_y / mean_n  # slope prior: half of each sample's mean time is per-sample work
-        var = self._s2 - self._s1 * mean_n  # weighted sum of squared deviations of n
-        cov = self._t1 - self._s1 * mean_y
-        r = self.ridge * self._s0
-        slope = (cov + r * guess) / (var + r)
-        slope = max(0.0, slope)
-        fixed = mean_y - slope * mean_n
-        if fixed < 0.0:  # a fit with negative fixed cost: proportional through the origin instead
-            slope, fixed = self._t1 / self._s2, 0.0
-        self.per_sample_ms, self.fixed_ms = slope, fixed
-
-    def predict(self, samples: int) -> float | None:
-        """Predicted forward ms for `samples` samples, None until the model is ready."""
-        if not self.ready:
-            return None
-        return self.fixed_ms + self.per_sample_ms * samples
-
-    @property
-    def tail_factor(self) -> float:
-        """How much longer than predicted a pass runs at the TAIL_QUANTILE of the recent ones (at least 1).
-
-        A request rides one batch: whether it makes its deadline depends on that batch's time, not on the
-        mean, and on a shared CPU one pass in ten runs a third over (another replica's pass, the ingress).
-        So the decisions for a request's own batch use the tail; the work queued ahead of it, many passes
-        whose errors even out, the mean."""
-        return self._tail
-
-    def predict_tail(self, samples: int) -> float | None:
-        """Forward ms that `samples` samples stay within but for one pass in ten (see tail_factor)."""
-        mean = self.predict(samples)
-        return None if mean is None else mean * self.tail_factor
-
-    def snapshot(self) -> dict[str, float]:
-        return {"fixed_ms": round(self.fixed_ms, 3), "per_sample_ms": round(self.per_sample_ms, 3),
-                "observations": float(self.observations), "tail_factor": round(self.tail_factor, 3)}
-
-
-class Queued(Protocol):
-    deadline: float  # epoch seconds
-
-    @property
-    def samples(self) -> int: ...
+    model: str
+    items: list[Waiting]
+    sent: float  # clock
+    ends: float  # predicted end of its pass (clock): when its replica frees
+    predicted_forward_ms: float | None  # reported beside the replica's infer_ms
+    learn_overhead: bool  # sent to a replica believed free: its call time beyond the pass is overhead
+    back: float = 0.0  # clock, when the reply came
+    reply: BatchReply | None = None
 
 
 @dataclass
-class Plan:
-    """One scheduling decision: the batch to send now (EDF order) and the requests to refuse now."""
+class Delivered:
+    """An action and the timings the ingress reports in info["server"]."""
 
-    batch: list
-    refuse: list
-    predicted_ms: float | None  # the batch's predicted service time (overhead + forward), None without a model
+    outcome: InferenceOutcome
+    replica: str
+    batch_size: int
+    queue_ms: float
+    infer_ms: float
+    predicted_ms: float | None
+    item: Waiting = field(repr=False)
+    position: int = field(default=0, repr=False)  # in its batch
 
-
-def service_ms(model: ForwardTimeModel, samples: int, overhead_ms: float, tail: bool = False) -> float | None:
-    """A batch's predicted time from dispatch to reply: the mean, or with `tail` the time one pass in ten
-    exceeds (what a request's deadline is judged against for the batch it rides)."""
-    forward = model.predict_tail(samples) if tail else model.predict(samples)
-    return None if forward is None else forward + overhead_ms
-
-
-def predicted_late(
-    queue: Sequence[Queued],
-    free_at: Sequence[float],
-    model: ForwardTimeModel,
-    overhead_ms: float,
-    max_batch_size: int,
-) -> list:
-    """(request, predicted completion) of the requests of `queue` (in queue order) that would miss their
-    deadline if served in that order.
-
-    One pass: the kept requests fill batches of `max_batch_size` handed to whichever replica frees first
-    (`free_at`, epoch s); a request is late when the batch it would ride completes past its deadline (that
-    batch's tail time, see ForwardTimeModel.tail_factor), and then it is left out (refusing it frees the
-    room for the ones behind it).
-    """
-    full = service_ms(model, max_batch_size, overhead_ms)
-    if full is None or not free_at:
-        return []
-    workers = sorted(free_at)
-    late: list = []
-    partial = 0  # samples already in the batch being filled
-    for item in queue:
-        size = min(max_batch_size, partial + item.samples)
-        done = workers[0] + service_ms(model, size, overhead_ms, tail=True) / 1000.0
-        if done > item.deadline:
-            late.append((item, done))
-            continue
-        partial += item.samples
-        if partial >= max_batch_size:
-            workers[0] += full / 1000.0
-            workers.sort()
-            partial = 0
-    return late
+    def trace(self) -> dict[str, float]:
+        """The hops of this request (clock seconds): queued, sent, the replica's, its pass, back."""
+        batch: Batch = self.item.batch
+        out = {"queued": self.item.queued, "sent": batch.sent, "back": batch.back}
+        reply = batch.reply
+        if reply is not None:
+            out.update(reply.trace)
+            index = reply.pass_of[self.position] if reply.pass_of else -1
+            if index >= 0:
+                p = reply.passes[index]
+                out["forward_start"], out["forward_end"] = p.start, p.start + p.infer_ms / 1000.0
+                out["forward_threads"] = p.threads
+        return out
 
 
-def plan_batch(
-    queue: Sequence[Queued],
-    now: float,
-    model: ForwardTimeModel,
-    overhead_ms: float,
-    max_batch_size: int,
-    others_free_at: Sequence[float] = (),
-    max_starts: int = 8,
-) -> Plan:
-    """What to send to a free replica now, from `queue` in queue order (tighter class, then earliest deadline).
+class EmbodimentScheduler:
+    def __init__(
+        self,
+        tag: str,
+        send: Send,
+        *,
+        policy: str = "edf",
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 2.0,
+        max_inflight: int = 4,
+        max_queued: int = 512,
+        clock: Callable[[], float] = time.time,
+        holds_model: Callable[[str], bool] | None = None,
+    ):
+        self.tag = tag
+        self._send = send
+        self._clock = clock
+        self.queue: RequestQueue = create_request_queue(policy)
+        self.max_batch_size = max_batch_size
+        self.batch_wait_ms = batch_wait_ms
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self._holds = holds_model or (lambda model: True)  # whether some replica holds a model (no cold load)
+        self.forward = ForwardTimeModel()
+        self.base_overhead_ms = 0.0  # a batch call's time beyond its forward pass (Ray hops, (de)serialisation)
+        self.cold_load_ms = 0.0  # a fine-tune's load on a replica, as the replicas measured it (EWMA)
+        self._inflight: dict[Batch, asyncio.Task] = {}
+        self._replicas_hint = 1
+        self._seen: dict[str, float] = {}  # replica id -> its last reply (clock)
+        self.replicas = 1  # to keep busy: Serve's count, or more if more answered lately (_count_replicas)
+        self._fleet: dict[str, float] = {}  # what the ingress knows beyond this embodiment (busy_replicas)
+        self._rates = ClassRates()
+        self._demand = DemandMeter(clock())
+        self._seq = itertools.count()
+        self._wait: asyncio.TimerHandle | None = None  # the batch wait running now
+        self._waited = False  # ... or just ended: the next batch goes
+        self._closed = False
+        self.counts: dict[str, int] = {"on_time": 0, "expired": 0, "waited_at_replica": 0,
+                                       **{r.value: 0 for r in Refusal}}
 
-    A request that cannot make its deadline even alone on a free replica is refused. A batch is a run of
-    the queue; it is as large as fits in `max_batch_size` samples with its predicted completion still
-    meeting the earliest deadline inside it. Starting the run at the head is plain queue order; but under load a head with little slack would cut every batch small and
-    starve everyone behind it, so the run may start a little further down when that leaves fewer requests
-    predicted late (on this replica after the batch, and on the others, `others_free_at`), and, with a full
-    batch waiting, when the head would cut the batch below half its full size. Ties go to the head. Requests
-    are never split. Without a model (no reply yet) the batch is the first
-    `max_batch_size` samples.
-    """
-    refuse: list = []
-    live: list = []
-    for item in queue:
-        alone = service_ms(model, item.samples, overhead_ms, tail=True)
-        if alone is not None and now + alone / 1000.0 > item.deadline:
-            refuse.append(item)
+    # --- what the ingress tells it -------------------------------------------------------------------
+
+    def observe_replicas(self, running: int) -> None:
+        """How many replicas serve the embodiment (Serve's status)."""
+        self._replicas_hint = max(1, int(running))
+        self._count_replicas()
+        self._pump()
+
+    def _count_replicas(self) -> None:
+        """Once per reply or status poll, not on every decision that reads it."""
+        now = self._clock()
+        self._seen = {r: t for r, t in self._seen.items() if now - t < REPLICA_SEEN_S}
+        self.replicas = max(1, self._replicas_hint, len(self._seen))
+
+    def observe_fleet(self, busy_replicas: float) -> None:
+        """Replicas with work to do over every embodiment (the replicas share the node's cores by it)."""
+        self._fleet["busy_replicas"] = float(max(1.0, busy_replicas))
+
+    def seed_cold_load(self, ms: float) -> None:
+        """Until a fine-tune loads, a cold load is predicted as long as the default model took."""
+        if not self.cold_load_ms:
+            self.observe_cold_load(ms)
+
+    def observe_cold_load(self, ms: float) -> None:
+        if ms > 0:
+            self.cold_load_ms = ms if self.cold_load_ms == 0.0 else 0.7 * self.cold_load_ms + 0.3 * ms
+
+    # --- what the queue policy asks (serving.queues.Capacity) ----------------------------------------------
+
+    def overhead_ms(self, model: str) -> float:
+        """A batch call's predicted time beyond its forward pass: the Ray hops, and a cold load when no replica
+        holds `model` and no batch of it is on its way (measured by the replicas: predictable)."""
+        if self.cold_load_ms and not self._holds(model) and not any(b.model == model for b in self._inflight):
+            return self.base_overhead_ms + self.cold_load_ms
+        return self.base_overhead_ms
+
+    def free_at(self, now: float) -> list[float]:
+        return free_at(now, self.replicas, (b.ends for b in self._inflight))
+
+    def _reach(self, now: float, overhead_ms: float) -> float | None:
+        return reach_s(self.forward, self._rates.tightest(now), overhead_ms)
+
+    def batch_cap(self, start: float, others, overhead_ms: float) -> int:
+        return batch_cap(self.forward, start, others, self._reach(start, overhead_ms), overhead_ms, self.max_batch_size)
+
+    def steady_batch_size(self, now: float, overhead_ms: float) -> int:
+        return steady_batch_size(self.forward, self.replicas, self._reach(now, overhead_ms), overhead_ms,
+                                 self.max_batch_size)
+
+    def expected_tighter_samples(self, budget_s: float, deadline: float, now: float) -> float:
+        return self._rates.expected_tighter_samples(budget_s, deadline, now)
+
+    # --- requests ------------------------------------------------------------------------------------------
+
+    def submit(self, request: InferenceRequest, model: str, received: float, deadline: float) -> asyncio.Future:
+        """The future of `request`'s Delivered; raises RequestError at once when overloaded or predicted late.
+        The future fails with a RequestError (kind deadline) at the deadline at the latest: a late action
+        never reaches the robot."""
+        now = self._clock()
+        self._demand.add(request.samples, now)
+        if len(self.queue) >= self.max_queued:
+            self.counts[Refusal.OVERLOADED.value] += 1
+            raise RequestError(
+                f"overloaded: {len(self.queue)} get_action requests for {self.tag!r} are already waiting "
+                f"(max_queued_requests={self.max_queued}); retry later", ErrorKind.OVERLOADED, Refusal.OVERLOADED)
+        request.deadline = deadline
+        self._rates.add(deadline - received, request.samples, now)
+        loop = asyncio.get_running_loop()
+        item = Waiting(request, model, received, deadline, next(self._seq), loop.create_future(), now)
+        late = self.queue.refuse_on_arrival(item, self, now)
+        if late is not None:
+            raise self._refused_early(item, late)
+        self.queue.add(item)
+        item.timer = loop.call_at(loop.time() + (deadline - now), self._expire, item)
+        self._pump()
+        return item.future
+
+    def _refused_early(self, item: Waiting, predicted_done: float) -> RequestError:
+        self.counts[Refusal.REFUSED_EARLY.value] += 1
+        return RequestError(
+            f"deadline: refused early, predicted {(predicted_done - item.received) * 1000:.0f} ms to an action "
+            f"for {self.tag!r} but the deadline allows {item.budget_s * 1000:.0f} ms "
+            f"({len(self.queue)} waiting on {self.replicas} replica(s)); resend a fresh observation",
+            ErrorKind.DEADLINE, Refusal.REFUSED_EARLY)
+
+    def _refuse(self, item: Waiting, predicted_done: float) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        if not item.future.done():
+            item.future.set_exception(self._refused_early(item, predicted_done))
+
+    def _expire(self, item: Waiting) -> None:
+        """The deadline passed with no action: the robot hears it now, and nothing computed later reaches it."""
+        if item.future.done():
+            return
+        reason = Refusal.EXPIRED_WAITING if item.batch is None else Refusal.EXPIRED_ON_REPLICA
+        self.counts["expired"] += 1
+        self.counts[reason.value] += 1
+        where = "waiting for a batch" if item.batch is None else "its batch on a replica"
+        item.future.set_exception(RequestError(
+            f"deadline exceeded: no action for {self.tag!r} within {item.budget_s * 1000:.0f} ms ({where}; "
+            f"{len(self.queue)} waiting, {len(self._inflight)} batches in flight)", ErrorKind.DEADLINE, reason))
+
+    # --- dispatch ------------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Send what can go now. Called whenever that may have changed: an arrival, a reply, a wait's end."""
+        while not self._closed:
+            head = self.queue.head()
+            if head is None or len(self._inflight) >= self.queue.slots(self):
+                return
+            if self._inflight and self.batch_wait_ms > 0 and self.queue.samples < self.max_batch_size and not self._waited:
+                # Another batch travels: wait a little for the robots it answered, not past a quarter of any slack.
+                if self._wait is None:
+                    self.queue.prune()
+                    slack = min(i.deadline for i in self.queue) - self._clock()
+                    self._wait = asyncio.get_running_loop().call_later(
+                        max(0.0, min(self.batch_wait_ms / 1000.0, slack / 4)), self._end_wait)
+                return
+            self._waited = False
+            if self._wait is not None:  # a replica freed before the wait ended: no reason to wait longer
+                self._wait.cancel()
+                self._wait = None
+            if not self._send_next(head.model):
+                return
+
+    def _end_wait(self) -> None:
+        self._wait, self._waited = None, True
+        self._pump()
+
+    def _send_next(self, model: str) -> bool:
+        """Plan and send the next batch of `model`; False when nothing changed."""
+        now = self._clock()
+        overhead = self.overhead_ms(model)
+        # The batch starts now on an idle replica, else when the first busy one is predicted to be free.
+        start, *others = self.free_at(now)
+        plan = self.queue.next_batch(model, self, start, others, overhead)
+        self.queue.remove(plan.batch + plan.refuse)
+        for item in plan.refuse:
+            self._refuse(item, start + (service_ms(self.forward, item.samples, overhead, tail=True) or 0.0) / 1000.0)
+        if not plan.batch:
+            return bool(plan.refuse)
+        samples = sum(i.samples for i in plan.batch)
+        batch = Batch(model, plan.batch, now, start + (plan.predicted_ms or 0.0) / 1000.0, self.forward.predict(samples),
+                      learn_overhead=start <= now)
+        for item in plan.batch:
+            item.batch = batch
+        requests = [i.request for i in plan.batch]
+        # The call leaves now, before the task that awaits its reply first runs.
+        call = self._send(model, requests, self.load())
+        self._inflight[batch] = asyncio.get_running_loop().create_task(self._complete(batch, call, requests))
+        shed = self.queue.shed(self, now)
+        self.queue.remove([item for item, _ in shed])
+        for item, done in shed:
+            self._refuse(item, done)
+        return True
+
+    async def _complete(self, batch: Batch, call: Awaitable[BatchReply], requests: list[InferenceRequest]) -> None:
+        try:
+            reply = await self._with_retry(batch, call, requests)
+        except Exception as exc:  # the whole batch failed: every robot in it hears why
+            self._fail(batch, exc)
         else:
-            live.append(item)
-    if not live:
-        return Plan([], refuse, None)
+            batch.back, batch.reply = self._clock(), reply
+            self._learn(batch, reply)
+            self._deliver(batch, reply)
+        finally:
+            self._inflight.pop(batch, None)
+            self._pump()  # a replica freed
 
-    def run_from(i: int) -> tuple[list, int]:
-        batch, samples, due = [], 0, math.inf
-        for item in live[i:]:
-            n = item.samples
-            if samples + n > max_batch_size and batch:
-                break
-            t = service_ms(model, samples + n, overhead_ms, tail=True)
-            if batch and t is not None and now + t / 1000.0 > min(due, item.deadline):
-                break
-            batch.append(item)
-            samples += n
-            due = min(due, item.deadline)
-            if samples >= max_batch_size:
-                break
-        return batch, samples
+    async def _with_retry(self, batch: Batch, call: Awaitable[BatchReply], requests: list[InferenceRequest]) -> BatchReply:
+        deadline = max(i.deadline for i in batch.items)
+        attempt = 0
+        while True:
+            try:
+                # Bounded by the deadline: a hung replica must not hold an in-flight slot forever.
+                return await _within(call, deadline - self._clock())
+            except RETRYABLE:
+                attempt += 1
+                backoff = min(MAX_BACKOFF_S, 0.05 * 2**attempt)
+                if self._clock() + backoff >= deadline:
+                    raise
+                await asyncio.sleep(backoff)  # while Serve routes around the dead replica or restarts it
+                call = self._send(batch.model, requests, self.load())
 
-    def lost(batch: list, samples: int) -> int:
-        chosen = {id(x) for x in batch}
-        rest = [x for x in live if id(x) not in chosen]
-        done = now + service_ms(model, samples, overhead_ms) / 1000.0
-        return sum(x.samples for x, _ in predicted_late(rest, [done, *others_free_at], model, overhead_ms, max_batch_size))
+    def _fail(self, batch: Batch, exc: BaseException) -> None:
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError, *RETRYABLE)):
+            # Out of time, waiting on a slow or restarting replica: the robot's deadline, not a policy fault.
+            error = RequestError(f"deadline exceeded: no replica of {self.tag!r} answered in time ({type(exc).__name__})",
+                                 ErrorKind.DEADLINE, Refusal.EXPIRED_ON_REPLICA)
+        else:
+            error = RequestError(f"policy {self.tag!r} failed: {type(exc).__name__}: {str(exc)[:300]}", ErrorKind.POLICY)
+        for item in batch.items:
+            if not item.future.done():
+                item.timer.cancel()
+                if error.reason is not None:
+                    self.counts["expired"] += 1
+                    self.counts[error.reason.value] += 1
+                item.future.set_exception(error)
 
-    best, best_samples = run_from(0)
-    if model.ready and len(live) > len(best):
-        # Under load (a full batch waiting) a batch below half the full size wastes the replica: such a run
-        # only wins when no longer run exists; its head then waits, and is refused if it can no longer make it.
-        waiting = sum(x.samples for x in live)
-        floor = max_batch_size // 2 if waiting >= max_batch_size else 0
-        best_key = (best_samples < floor, lost(best, best_samples))
-        for i in range(1, min(len(live), max_starts)):
-            if best_key == (False, 0):
-                break
-            batch, samples = run_from(i)
-            key = (samples < floor, lost(batch, samples))
-            if key < best_key:
-                best, best_samples, best_key = batch, samples, key
-    return Plan(best, refuse, service_ms(model, best_samples, overhead_ms))
+    def _learn(self, batch: Batch, reply: BatchReply) -> None:
+        """Feed the forward-time model with each pass of the reply, the call overhead and the cold-load time."""
+        if reply.replica not in self._seen:
+            self._seen[reply.replica] = batch.back
+            self._count_replicas()
+        self._seen[reply.replica] = batch.back
+        self.observe_cold_load(reply.cold_load_ms)
+        for p in reply.passes:
+            self.forward.observe(p.samples, p.infer_ms)
+        if reply.passes and batch.learn_overhead:
+            call_ms = (batch.back - batch.sent) * 1000.0
+            forward_ms = sum(p.infer_ms for p in reply.passes)
+            self.base_overhead_ms = call_overhead_ms(self.base_overhead_ms, call_ms, forward_ms, reply.cold_load_ms)
+            # Sent to a replica believed free: did it wait there behind another batch?
+            self.counts["waited_at_replica"] += min(p.start for p in reply.passes) - batch.sent > STACKED_S
+        # Follow the replica's live user_config (max_batch_size, batch_wait_ms) from the next batch on.
+        self.max_batch_size, self.batch_wait_ms = reply.max_batch_size, reply.batch_wait_ms
 
+    def _deliver(self, batch: Batch, reply: BatchReply) -> None:
+        now = batch.back
+        passes, pass_of = reply.passes, reply.pass_of
+        for n, (item, outcome) in enumerate(zip(batch.items, reply.outcomes)):
+            if item.future.done():
+                continue
+            item.timer.cancel()
+            if now > item.deadline:  # the reply came as the deadline passed: still late, never delivered
+                self._expire(item)
+                continue
+            if outcome.reason is not None:  # the replica skipped it: expired before its pass
+                self.counts["expired"] += 1
+                self.counts[outcome.reason] += 1
+            elif outcome.error is None:
+                self.counts["on_time"] += 1
+            p: ForwardPass | None = passes[pass_of[n]] if pass_of and pass_of[n] >= 0 else None
+            start = p.start if p is not None else item.received
+            item.future.set_result(Delivered(
+                outcome, reply.replica, p.samples if p is not None else 0,
+                max(0.0, (start - item.received) * 1000.0), p.infer_ms if p is not None else 0.0,
+                batch.predicted_forward_ms, item, n))
 
-def predict_completion(
-    ahead_samples: int,
-    samples: int,
-    free_at: Sequence[float],
-    now: float,
-    model: ForwardTimeModel,
-    overhead_ms: float,
-    max_batch_size: int,
-) -> float | None:
-    """When a request of `samples` would complete (epoch s) behind `ahead_samples` queued before it (EDF).
+    # --- what autoscaling and the status page read -----------------------------------------------------------
 
-    The work ahead is shared by the replicas (`free_at`: when each one finishes what it runs now) in full
-    batches, then ours rides in the next batch with what is left over. An estimate, not a promise: later
-    arrivals with earlier deadlines can still pass it, and `plan_batch` checks again at dispatch.
-    """
-    if not model.ready:
-        return None
-    workers = sorted(max(now, t) for t in free_at) or [now]
-    full = service_ms(model, max_batch_size, overhead_ms) / 1000.0
-    remaining = ahead_samples
-    # Hand out full batches of the work ahead to whichever replica frees first.
-    while remaining >= max_batch_size:
-        workers[0] += full
-        workers.sort()
-        remaining -= max_batch_size
-    size = min(max(max_batch_size, samples), remaining + samples)
-    return workers[0] + service_ms(model, size, overhead_ms, tail=True) / 1000.0
+    def demand_samples_per_s(self) -> float:
+        return self._demand.rate(self._clock())
 
+    def load(self) -> dict[str, float]:
+        """The embodiment's demand, all its models (sent with each batch; the replicas hand it to autoscaling)."""
+        capacity = capacity_samples_per_s(self.forward, self.max_batch_size, self.base_overhead_ms)
+        demand = self.demand_samples_per_s()
+        return {
+            "demand_samples_per_s": round(demand, 3),
+            "capacity_samples_per_s": round(capacity or 0.0, 3),
+            "queued_samples": float(self.queue.samples),
+            "replicas_needed": round(replicas_needed(demand, capacity, UTILISATION), 3),
+            "replicas": float(self.replicas),
+            **self._fleet,
+        }
 
-def capacity_samples_per_s(model: ForwardTimeModel, max_batch_size: int, overhead_ms: float) -> float | None:
-    """Samples per second one replica serves at full batches (what autoscaling divides demand by)."""
-    full = service_ms(model, max_batch_size, overhead_ms)
-    if full is None or full <= 0:
-        return None
-    return max_batch_size / (full / 1000.0)
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
 
-def replicas_needed(demand_samples_per_s: float, capacity_per_replica: float | None, utilisation: float) -> float:
-    """Replicas that serve `demand` at `utilisation` of their capacity (0 when there is no demand)."""
-    if demand_samples_per_s <= 0:
-        return 0.0
-    if not capacity_per_replica:
-        return 1.0
-    return demand_samples_per_s / (capacity_per_replica * utilisation)
+    def stats(self) -> dict[str, Any]:
+        return {"queued": self.queued, "inflight_batches": self.inflight, "max_batch_size": self.max_batch_size,
+                "batch_wait_ms": self.batch_wait_ms, "scheduler": self.queue.policy, "replicas": self.replicas,
+                "overhead_ms": round(self.base_overhead_ms, 3), "cold_load_ms": round(self.cold_load_ms, 1),
+                "forward_model": self.forward.snapshot(), **self.counts}
+
+    async def close(self) -> None:
+        """Stop sending; answer what is already on its way (graceful shutdown)."""
+        self._closed = True
+        if self._wait is not None:
+            self._wait.cancel()
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+

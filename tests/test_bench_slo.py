@@ -10,6 +10,7 @@ import zmq
 
 from bench.slo import check_targets, drive
 from clients.codec import packb, unpackb
+from clients.protocol import ErrorKind, Refusal, error_reply
 from conftest import free_port
 
 
@@ -26,7 +27,8 @@ def _server(port: int, stop: threading.Event, delay_s: float) -> None:
             req = unpackb(sock.recv())
             deadline_ms = (req["data"]["options"] or {}).get("deadline_ms", 1e9)
             if deadline_ms < delay_s * 1000:
-                sock.send(packb({"error": "deadline: refused early, predicted 50 ms"}))
+                sock.send(packb(error_reply("deadline: refused early, predicted 50 ms", ErrorKind.DEADLINE,
+                                            Refusal.REFUSED_EARLY)))
             else:
                 time.sleep(delay_s)
                 sock.send(packb([{"a": 1}, {}]))

@@ -97,8 +97,9 @@ def test_fleet_metrics_reach_rays_prometheus_endpoint(metered, metrics_port):
             t.join(timeout=90)
         assert not failures and not any(t.is_alive() for t in threads), failures
         # A deadline no forward pass can meet: refused at once, saying the predicted and the allowed time.
-        with pytest.raises(PolicyServerError, match=r"deadline: refused early, predicted \d+ ms .* allows 1 ms"):
+        with pytest.raises(PolicyServerError, match=r"deadline: refused early, predicted \d+ ms .* allows 1 ms") as err:
             robot.get_action(random_observation(gr1, 1), {"deadline_ms": 1})
+        assert err.value.reason == "refused_early"
         for _ in range(bad):  # not an observation: bad_request, before any policy call
             with pytest.raises(PolicyServerError, match="observation"):
                 robot.call_endpoint("get_action", {"observation": "not a map", "options": None})

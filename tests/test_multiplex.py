@@ -18,6 +18,7 @@ from ray import serve
 from clients import PolicyClient, PolicyServerError
 from clients.observations import random_observation
 from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
+from serving import demo_checkpoints
 from serving.config import FleetArgs
 
 APP = "multiplex-test"
@@ -206,13 +207,18 @@ def test_adding_and_removing_a_model_reconfigures_without_restarting(fleet):
     gr1 = next(d for d in app["deployments"] if d["name"] == "gr1")
     gr1["user_config"] = {**gr1["user_config"], "models": {
         "ft1": {"checkpoint": str(fleet.root / "tiny-gr1-seed1")},
-        "ft4": {"demo_preset": "tiny", "demo_seed": 4},  # built offline by the replica under checkpoint_root
+        "ft4": {"demo_preset": "tiny", "demo_seed": 4},  # built under checkpoint_root by the tool, below
+        "ft5": {"demo_preset": "tiny", "demo_seed": 5},  # never built
     }}
+    # Replicas only load: a demo fine-tune added live is built first, as `python -m serving.demo_checkpoints` does.
+    live = demo_checkpoints.live_demo_sources(FleetArgs.model_validate(app["args"]), app["deployments"])
+    assert [(tag, src.demo_seed) for tag, src in live] == [("gr1", 4), ("gr1", 5)]
+    demo_checkpoints.build(live[:1])
     deploy_config([app])
 
     def served():
         with fleet.client() as c:
-            return set(c.info()["embodiments"]["gr1"]["models"]) == {"default", "ft1", "ft4"}
+            return set(c.info()["embodiments"]["gr1"]["models"]) == {"default", "ft1", "ft4", "ft5"}
 
     wait_for(served, 120, "the new model set to be served")
     with fleet.client(model_id="ft4") as c:
@@ -220,6 +226,9 @@ def test_adding_and_removing_a_model_reconfigures_without_restarting(fleet):
     expected = in_process_actions({"ft4": build_fine_tune(fleet.root / "reference", 4)}, fleet.obs)["ft4"]
     assert_same(action, expected, "hot-added ft4")
     assert after["server"]["replica"] == before["server"]["replica"], "the replica restarted"
+    with fleet.client(model_id="ft5") as c:  # the replica does not build it: it says how to
+        with pytest.raises(PolicyServerError, match=r"not built at .* `python -m serving.demo_checkpoints"):
+            c.get_action(fleet.obs, dict(SEED))
     with fleet.client(model_id="ft2") as c:
         with pytest.raises(PolicyServerError, match="'ft2' is not served"):
             c.get_action(fleet.obs, dict(SEED))

@@ -18,6 +18,7 @@ from clients.protocol import (
     ErrorKind,
     ObservationForm,
     PortProtocol,
+    Refusal,
     RequestError,
     build_request,
     canonical_tag,
@@ -51,6 +52,30 @@ def test_error_kinds_and_replies():
     assert reply_error({"error": "boom", "kind": "policy"}) == ("boom", "policy")
     assert reply_error({"error": "Unauthorized: Invalid API token"}) == ("Unauthorized: Invalid API token", None)
     assert reply_error([{"a": 1}, {}]) is None
+
+
+def test_a_valid_request_that_got_no_action_says_why_in_a_reason_machines_read():
+    error = RequestError("deadline: refused early, predicted 90 ms ...", ErrorKind.DEADLINE, Refusal.REFUSED_EARLY)
+    assert error_reply(str(error), error.kind, error.reason) == {
+        "error": "deadline: refused early, predicted 90 ms ...", "kind": "deadline", "reason": "refused_early"}
+    assert "reason" not in error_reply("boom", ErrorKind.POLICY)  # a fault, not a refusal: kind alone
+    assert RequestError("x").reason is None
+    assert [r.value for r in Refusal] == ["overloaded", "refused_early", "expired_waiting", "expired_on_replica"]
+
+
+def test_slo_metrics_count_by_the_reason_not_the_message():
+    from serving.metrics import SLO_OUTCOMES, slo_outcome
+
+    def err(reason):
+        return RequestError("words for people, whatever they say", ErrorKind.DEADLINE, reason)
+
+    assert slo_outcome("ok", None) == "on_time"
+    assert slo_outcome("deadline", err(Refusal.REFUSED_EARLY)) == "refused_early"
+    assert slo_outcome("deadline", err(Refusal.EXPIRED_WAITING)) == "expired"
+    assert slo_outcome("deadline", err(Refusal.EXPIRED_ON_REPLICA)) == "expired"
+    assert slo_outcome("overloaded", err(Refusal.OVERLOADED)) == "error"
+    assert slo_outcome("policy", err(None)) == slo_outcome("internal", None) == "error"
+    assert {slo_outcome("ok", None), "refused_early", "expired", "error"} == set(SLO_OUTCOMES)
 
 
 def test_canonical_tag_is_the_one_rule_for_config_router_and_policy():

@@ -28,7 +28,7 @@ from clients.keys import generate_keypair, main as keys_main, read_key
 from clients.observations import random_observation
 from conftest import app_entry, deploy_config, free_port, ingress_status
 from serving.config import IngressConfig
-from serving.protocol import UNAUTHORIZED
+from clients.protocol import UNAUTHORIZED
 
 APP = "security-test"
 ROOT = Path(__file__).resolve().parents[1]
