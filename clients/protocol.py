@@ -223,7 +223,8 @@ def to_flat(observation: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_nested(flat: Mapping[str, Any], *, add_batch_axis: bool = False) -> dict[str, Any]:
     """Flat -> nested. Keys other than `video.*`, `state.*` and `action.*` are language keys (one string per
-    sample); `action.*` (ground truth some wrappers leave in) is dropped. `add_batch_axis`: one environment
+    sample); `action.*` (ground truth some wrappers leave in, or upstream's real-time chunking's previous chunk)
+    goes to an `action` section, which the policy reads only for RTC. `add_batch_axis`: one environment
     without B, as N1.5 allowed."""
     nested: dict[str, dict[str, Any]] = {m: {} for m in MODALITIES}
     for key, value in flat.items():
@@ -234,8 +235,8 @@ def to_nested(flat: Mapping[str, Any], *, add_batch_axis: bool = False) -> dict[
             if add_batch_axis and isinstance(value, np.ndarray):
                 value = value[np.newaxis]
             nested[modality][name] = value
-        elif modality == "action":
-            continue
+        elif modality == "action" and name:
+            nested.setdefault("action", {})[name] = value
         else:
             if isinstance(value, str):
                 value = [value]

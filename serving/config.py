@@ -90,6 +90,11 @@ class CurveConfig(_Strict):
 
 class IngressConfig(_Strict):
     host: str = "127.0.0.1"
+    robot_sessions: int = Field(
+        default=4096, ge=0,
+        description="Robots whose last chunk the ingress keeps for real-time chunking (options.robot_id); 0: none.",
+    )
+    robot_session_ttl_s: float = Field(default=60.0, gt=0, description="A robot silent this long starts fresh.")
     ports: list[PortConfig] = Field(
         default_factory=lambda: [PortConfig(port=5555, embodiment="gr1"), PortConfig(port=5556, embodiment="unitree_g1")]
     )
@@ -246,10 +251,11 @@ class AdmissionConfig(_Strict):
     request_timeout_ms: float = Field(gt=0)
     max_queued_requests: int = Field(ge=1)
     slo_ms: float | None = Field(default=None, gt=0)
+    control_hz: float | None = Field(default=None, gt=0)
 
     def deadline_ms(self, asked_ms: float | None, port_slo_ms: float | None) -> float:
-        """A get_action's time budget: options.deadline_ms, else the port's slo_ms, else the embodiment's,
-        else request_timeout_ms; never more than request_timeout_ms."""
+        """A get_action's time budget: options.deadline_ms (or the time the robot's buffered steps last), else
+        the port's slo_ms, else the embodiment's, else request_timeout_ms; never more than request_timeout_ms."""
         for budget in (asked_ms, port_slo_ms, self.slo_ms):
             if budget is not None:
                 return min(float(budget), self.request_timeout_ms)
@@ -277,6 +283,14 @@ class EmbodimentConfig(PolicyConfig):
             "slo_ms overrides it); default request_timeout_ms. Set it to the time a robot's action chunk lasts."
         ),
     )
+    control_hz: float | None = Field(
+        default=None, gt=0,
+        description=(
+            "The robots' control rate (a request's options.control_hz overrides it): turns options.buffer_steps "
+            "into a deadline (when the buffer runs dry) and lets robot sessions (options.robot_id) work out "
+            "which steps of the last chunk a robot has executed."
+        ),
+    )
 
     @field_validator("models")
     @classmethod
@@ -287,7 +301,7 @@ class EmbodimentConfig(PolicyConfig):
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(**self.model_dump(
             exclude={"batching", "request_timeout_ms", "max_queued_requests", "models", "max_models_per_replica",
-                     "slo_ms"}
+                     "slo_ms", "control_hz"}
         ))
 
     def admission(self, ingress: IngressConfig) -> AdmissionConfig:
@@ -295,6 +309,7 @@ class EmbodimentConfig(PolicyConfig):
             request_timeout_ms=self.request_timeout_ms or ingress.request_timeout_ms,
             max_queued_requests=self.max_queued_requests or ingress.max_queued_requests,
             slo_ms=self.slo_ms,
+            control_hz=self.control_hz,
         )
 
 

@@ -36,12 +36,30 @@ from serving.config import AdmissionConfig, IngressConfig, PortConfig
 from serving.messages import InferenceRequest
 from serving.metrics import MetricsBuffer, slo_outcome
 from serving.models import ModelRegistry
+from serving.robot_sessions import RobotSessions
 from serving.scheduler import EmbodimentScheduler
 
 logger = logging.getLogger("ray.serve")
 
 KILL_REFUSED = "kill: refused; this server is shared by a fleet, its operator stops it (serve shutdown)"
 DELIVERY_MARGIN_S = 0.015  # at most; 10% of a short deadline
+
+
+RTC_OPTIONS = ("rtc", "rtc_frozen_steps", "rtc_overlap_steps")
+MAX_ROBOT_ID = 128
+
+
+def _pop_loop_options(options: dict[str, Any]) -> tuple[str | None, float | None, int | None]:
+    """(robot_id, control_hz, buffer_steps) of a get_action, checked and taken out: the fleet loop's, not the
+    policy's."""
+    robot, hz, buffer = options.pop("robot_id", None), options.pop("control_hz", None), options.pop("buffer_steps", None)
+    if robot is not None and (not isinstance(robot, str) or not 1 <= len(robot) <= MAX_ROBOT_ID):
+        raise RequestError(f"options.robot_id: expected a string of 1 to {MAX_ROBOT_ID} characters, got {robot!r:.40}")
+    if hz is not None and (isinstance(hz, bool) or not isinstance(hz, (int, float)) or not 0 < hz <= 10_000):
+        raise RequestError(f"options.control_hz: expected a control rate in Hz (0 < hz <= 10000), got {hz!r:.40}")
+    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0):
+        raise RequestError(f"options.buffer_steps: expected a non-negative int (steps the robot has left), got {buffer!r:.40}")
+    return robot, (float(hz) if hz is not None else None), buffer
 
 
 def _pop_model_id(options: dict[str, Any] | None, top_level: str | None) -> Any:
@@ -91,11 +109,16 @@ class Endpoints:
         self._schedulers = schedulers
         self._metrics = metrics
         self._info = info
+        self.sessions = RobotSessions(config.robot_sessions, config.robot_session_ttl_s, clock=time.time)
         self._limits = DecodeLimits(max_message_bytes=config.max_message_bytes, max_array_bytes=config.max_message_bytes)
         self._tokens = {p.port: (p.api_token if p.api_token is not None else config.api_token) for p in config.ports}
         self.hops = ReplyHops()
         self._answer = {"get_action": self._get_action, "ping": self._ping, "get_modality_config": self._modality,
                         "reset": self._reset, "info": self._info_endpoint, "kill": self._kill}
+
+    def underruns(self) -> dict[str, int]:
+        """Buffer underruns per embodiment since start."""
+        return dict(self._metrics.underruns_total)
 
     async def handle(self, port: PortConfig, body: memoryview, received: float) -> tuple[bytes, Callable[[float], None] | None]:
         """The reply to one request, encoded; with a callback for the send's duration when the request is traced."""
@@ -151,12 +174,29 @@ class Endpoints:
         options, asked = (dict(req.options) if req.options is not None else None), None
         model = await self._registry.choose(tag, _pop_model_id(options, env.model_id), self._port_model(port, tag))
         call.model = model
+        robot = hz = buffer = None
         if options is not None:  # ours, not the policy's: popped before the policy sees them
             call.traced = bool(options.pop("trace", False))  # bench.hops asks for the hops
             if "deadline_ms" in options:
                 asked = options.pop("deadline_ms")
                 if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0:
                     raise RequestError(f"options.deadline_ms: expected a positive number of milliseconds, got {asked!r:.40}")
+            robot, hz, buffer = _pop_loop_options(options)
+        hz = hz or self._admission[tag].control_hz
+        if buffer is not None:
+            if hz is None:
+                raise RequestError("options.buffer_steps: needs the robot's control rate, options.control_hz (or the "
+                                   "embodiment's control_hz)")
+            # The deadline is when the buffer runs dry (a robot already dry gets one control period: first).
+            buffer_ms = max(buffer, 1) / hz * 1000.0
+            asked = buffer_ms if asked is None else min(float(asked), buffer_ms)
+            if buffer == 0:
+                self._metrics.underrun(tag)
+        if robot is not None and hz is not None and req.samples == 1 and self.config.robot_sessions \
+                and not any(k in options for k in RTC_OPTIONS):
+            rtc = self.sessions.rtc_for(robot, (tag, model), hz)
+            if rtc is not None:  # the robot's last chunk continues into this one (policy.rtc)
+                options["rtc"] = rtc
         budget_ms = self._admission[tag].deadline_ms(asked, port.slo_ms)
         # The robot's clock started before ours and stops after the reply crosses the network: the scheduler
         # aims a little before the deadline, so an action it delivers is still on time where the robot is.
@@ -166,8 +206,12 @@ class Endpoints:
             received + budget_ms / 1000.0 - margin_s)
         outcome = delivered.outcome
         if outcome.error is not None:
+            if buffer:  # the robot's buffer ran dry without this action
+                self._metrics.underrun(tag)
             raise RequestError(outcome.error, outcome.error_kind or ErrorKind.POLICY,
                                Refusal(outcome.reason) if outcome.reason else None)
+        if robot is not None and req.samples == 1 and self.config.robot_sessions:
+            self.sessions.delivered(robot, (tag, model), outcome.action, received)
         total_ms = (time.time() - received) * 1000.0
         self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms,
                              delivered.predicted_ms)
@@ -196,6 +240,9 @@ class Endpoints:
 
     async def _reset(self, call: _Call, port: PortConfig, tag: str, env, received: float) -> Any:
         options = parse_options(env.data.get("options"))
+        if options is not None and options.get("robot_id") is not None:  # the robot's next chunk starts fresh
+            options = dict(options)
+            self.sessions.reset(str(options.pop("robot_id")))
         model = await self._registry.choose(tag, _pop_model_id(options, env.model_id), self._port_model(port, tag))
         return await self._registry.handle(tag, model).reset.remote(options)
 

@@ -170,7 +170,7 @@ class ZmqIngress:
 
     async def __call__(self, request) -> dict[str, Any]:
         """HTTP status page (the Serve proxy's route): where robots connect and how the queues look."""
-        return status_page(self.config, self.schedulers, self.registry, self.transport, self.endpoints.hops, VERSION)
+        return status_page(self.config, self.schedulers, self.registry, self.transport, self.endpoints, VERSION)
 
     def check_health(self) -> None:
         self.transport.check_health()

@@ -96,6 +96,14 @@ class FleetMetrics:
             description="get_action requests answered, by embodiment, model (fine-tune or 'default') and outcome.",
             tag_keys=("embodiment", "model", "outcome"),
         )
+        self.buffer_underruns = metrics.Counter(
+            "fleetserve_buffer_underruns_total",
+            description=(
+                "get_action requests that said how many buffered steps the robot had left (options.buffer_steps) "
+                "and got no action before they ran out (or came with none left): the robot idled, per embodiment."
+            ),
+            tag_keys=("embodiment",),
+        )
         self.queue_depth = metrics.Gauge(
             "fleetserve_queue_depth",
             description="get_action requests waiting in the ingress for a batch, per embodiment.",
@@ -156,6 +164,12 @@ class MetricsBuffer:
         self._actions: list[tuple[str, int, float, float, float, float | None]] = []
         self._models: dict[tuple[str, str, str], int] = {}
         self._slo: dict[tuple[str, str, str], int] = {}
+        self._underruns: dict[str, int] = {}
+        self.underruns_total: dict[str, int] = {}  # since start, for the status page
+
+    def underrun(self, embodiment: str) -> None:
+        self._underruns[embodiment] = self._underruns.get(embodiment, 0) + 1
+        self.underruns_total[embodiment] = self.underruns_total.get(embodiment, 0) + 1
 
     def request(self, embodiment: str, endpoint: str, outcome: str) -> None:
         key = (embodiment, endpoint, outcome)
@@ -183,6 +197,9 @@ class MetricsBuffer:
         models, self._models = self._models, {}
         for (emb, model, outcome), n in models.items():
             self.sink.model_requests.inc(n, tags={"embodiment": emb, "model": model, "outcome": outcome})
+        underruns, self._underruns = self._underruns, {}
+        for emb, n in underruns.items():
+            self.sink.buffer_underruns.inc(n, tags={"embodiment": emb})
         slo, self._slo = self._slo, {}
         for (emb, port, outcome), n in slo.items():
             self.sink.slo.inc(n, tags={"embodiment": emb, "port": port, "outcome": outcome})

@@ -1,7 +1,7 @@
 """The ingress's HTTP status page (`curl http://127.0.0.1:8000/fleet`): where robots connect and how the queues look.
 
-Per embodiment its scheduler's state: queue, batches in flight, replicas, forward-time model, call overhead, and
-the requests by outcome (on time, and each `clients.protocol.Refusal` reason). Per model its requests and the cold
+Per embodiment its scheduler's state: queue, batches in flight, replicas, forward-time model, call overhead, the
+requests by outcome (on time, and each `clients.protocol.Refusal` reason) and the robots' buffer underruns. Per model its requests and the cold
 loads they waited on. Read-only: it asks each part for its own summary.
 """
 
@@ -11,7 +11,7 @@ import os
 from typing import Any, Mapping
 
 from serving.config import IngressConfig
-from serving.endpoints import ReplyHops
+from serving.endpoints import Endpoints
 from serving.models import ModelRegistry
 from serving.scheduler import EmbodimentScheduler
 from serving.transport import ZmqTransport
@@ -27,15 +27,17 @@ def rss_mb() -> float:
 
 
 def status_page(config: IngressConfig, schedulers: Mapping[str, EmbodimentScheduler], registry: ModelRegistry,
-                transport: ZmqTransport, hops: ReplyHops, version: str) -> dict[str, Any]:
+                transport: ZmqTransport, endpoints: Endpoints, version: str) -> dict[str, Any]:
+    underruns = endpoints.underruns()
     return {
         "ports": [{"address": f"tcp://{config.host}:{p.port}", "embodiment": p.embodiment, "protocol": p.protocol}
                   for p in config.ports],
-        "embodiments": {tag: s.stats() for tag, s in schedulers.items()},
+        "embodiments": {tag: {**s.stats(), "buffer_underruns": underruns.get(tag, 0)} for tag, s in schedulers.items()},
+        "robot_sessions": len(endpoints.sessions),
         "models": registry.status(),
         "open_requests": transport.open_requests,
         "robots_connected": {str(p): n for p, n in transport.robots.items()},
-        "reply_hops": hops.status(),
+        "reply_hops": endpoints.hops.status(),
         "rss_mb": rss_mb(),
         "version": version,
     }

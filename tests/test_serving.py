@@ -237,3 +237,60 @@ def test_info_names_the_device_each_replica_got_and_its_warm_up(fleet):
         assert _device_of(fleet.embodiment(tag)) == "cpu (float32)"  # what the 'Fleet ready' line says
     gpu = {"model": {"device": "cuda:0", "device_name": "NVIDIA H100", "dtype": "bfloat16"}}
     assert _device_of(gpu) == "cuda:0 (NVIDIA H100, bfloat16)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fleet loop: real-time chunking, robot sessions, deadlines from action buffers
+
+
+def _chunk_rows_match(answer: np.ndarray, chunk: np.ndarray) -> int | None:
+    """The row of `chunk` the answer's first row is exactly (a continuation), or None."""
+    for e in range(chunk.shape[1]):
+        if np.array_equal(answer[0, 0], chunk[0, e]):
+            return e
+    return None
+
+
+def test_explicit_rtc_freezes_the_given_steps_exactly_through_serve(fleet):
+    gr1 = fleet.embodiment("gr1")
+    with fleet.client("gr1") as c:
+        obs = random_observation(gr1, 1, rng=np.random.default_rng(11))
+        first, _ = c.get_action(obs, {"seed": 1})
+        prev = {k: v[:, 6:].copy() for k, v in first.items()}
+        second, _ = c.get_action(obs, {"seed": 2, "rtc": {"prev_actions": prev, "frozen_steps": 4}})
+    for key in second:
+        np.testing.assert_allclose(second[key][:, :4], prev[key][:, :4], atol=1e-5)
+
+
+def test_a_robot_session_continues_the_last_chunk_and_reset_forgets_it(fleet):
+    gr1 = fleet.embodiment("gr1")
+    opts = {"robot_id": "arm-7", "control_hz": 30.0}
+    with fleet.client("gr1") as c:
+        obs = random_observation(gr1, 1, rng=np.random.default_rng(12))
+        first, _ = c.get_action(obs, {**opts, "seed": 1})
+        second, _ = c.get_action(obs, {**opts, "seed": 2})  # the server hands the unexecuted rest to the model
+        key = "left_hand"  # absolute: the continued rows are the delivered ones exactly
+        assert _chunk_rows_match(second[key], first[key]) is not None
+        c.reset({"robot_id": "arm-7"})
+        fresh, _ = c.get_action(obs, {**opts, "seed": 2})
+        assert _chunk_rows_match(fresh[key], second[key]) is None
+        other, _ = c.get_action(obs, {"seed": 3})  # no robot_id: no session
+        assert _chunk_rows_match(other[key], fresh[key]) is None
+
+
+def test_buffer_steps_set_the_deadline_and_a_dry_buffer_is_an_underrun(fleet):
+    from conftest import ingress_status
+
+    gr1 = fleet.embodiment("gr1")
+    with fleet.client("gr1") as c:
+        obs = random_observation(gr1, 1, rng=np.random.default_rng(13))
+        _, info = c.get_action(obs, {"buffer_steps": 300, "control_hz": 30.0})
+        assert info["server"]["deadline_ms"] == pytest.approx(10_000.0)  # when the 300 steps run dry
+        before = ingress_status("fleet-test")["embodiments"]["gr1"]["buffer_underruns"]
+        c.get_action(obs, {"buffer_steps": 0, "control_hz": 30.0, "deadline_ms": 5000})
+        assert ingress_status("fleet-test")["embodiments"]["gr1"]["buffer_underruns"] == before + 1
+        with pytest.raises(PolicyServerError, match=r"options.buffer_steps: needs the robot's control rate") as err:
+            c.get_action(obs, {"buffer_steps": 5})
+        assert err.value.kind == "bad_request"
+        with pytest.raises(PolicyServerError, match=r"options.control_hz: expected a control rate"):
+            c.get_action(obs, {"buffer_steps": 5, "control_hz": -1})
