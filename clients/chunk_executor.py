@@ -160,7 +160,10 @@ class ChunkExecutor:
             if due:
                 self._request()
                 if self.mode == "sync":  # wait for it, the robot standing still meanwhile
-                    self._pending.result()
+                    try:
+                        self._pending.result()
+                    except Exception:  # noqa: BLE001 - _collect counts it; the next tick asks again
+                        pass
                     self._collect()
                     if self.stats.chunks > 1:  # the ticks that passed while it stood
                         waited = int((self.clock() - self._pending_sent) * self.control_hz)

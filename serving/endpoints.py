@@ -187,10 +187,10 @@ class Endpoints:
             if hz is None:
                 raise RequestError("options.buffer_steps: needs the robot's control rate, options.control_hz (or the "
                                    "embodiment's control_hz)")
-            # The deadline is when the buffer runs dry (a robot already dry gets one control period: first).
-            buffer_ms = max(buffer, 1) / hz * 1000.0
-            asked = buffer_ms if asked is None else min(float(asked), buffer_ms)
-            if buffer == 0:
+            if buffer > 0:  # the deadline is when the buffer runs dry
+                buffer_ms = buffer / hz * 1000.0
+                asked = buffer_ms if asked is None else min(float(asked), buffer_ms)
+            else:  # already dry: the robot stands still until this answer, whatever its deadline
                 self._metrics.underrun(tag)
         if robot is not None and hz is not None and req.samples == 1 and self.config.robot_sessions \
                 and not any(k in options for k in RTC_OPTIONS):
