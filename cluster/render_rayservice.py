@@ -143,6 +143,11 @@ def _ray_resources_param(resources: dict[str, float]) -> str:
     return '"' + json.dumps(resources, sort_keys=True).replace('"', '\\"') + '"'
 
 
+# Ray starts worker processes at niceness 15, below its own daemons; the replicas and the ingress are this
+# node's workload (on a busy node a forward pass at 15 measured ~1.5 ms slower), so they run at 0.
+_RAYLET_ENV = [{"name": "RAY_worker_niceness", "value": "0"}]
+
+
 def _container_ports(zmq_ports: list[int]) -> list[dict[str, Any]]:
     fixed = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000), ("metrics", METRICS_PORT)]
     return [{"containerPort": port, "name": name} for name, port in fixed] + [
@@ -184,6 +189,7 @@ def rayservice(
                             "limits": {"cpu": HEAD_CPU, "memory": HEAD_MEMORY},
                             "requests": {"cpu": HEAD_CPU, "memory": HEAD_MEMORY},
                         },
+                        "env": _RAYLET_ENV,
                         "volumeMounts": [mount],
                     }
                 ],
@@ -207,6 +213,7 @@ def rayservice(
                         "image": image,
                         "ports": [{"containerPort": 8000, "name": "serve"}, {"containerPort": METRICS_PORT, "name": "metrics"}],
                         "resources": {"limits": dict(gpu_limits), "requests": dict(gpu_limits)},
+                        "env": _RAYLET_ENV,
                         "volumeMounts": [mount],
                     }
                 ],
