@@ -1,6 +1,8 @@
 """Hostile requests: what a buggy, outdated or malicious robot may send to a GR00T policy server.
 
-One generator feeds both the fuzz test (tests/test_fuzz.py) and the soak run (`python -m bench.soak`).
+One generator feeds the fuzz and security tests (tests/test_fuzz.py, tests/test_security.py) and the bench
+scenarios that send hostile traffic at a served app (`python -m bench.hostile`, `python -m bench.soak`). It is
+test data, so it lives with the tests; the scenarios import it from here (they run from a checkout anyway).
 Every message it makes must be answered `{"error": ...}`; `Hostile.expect` says what that error must name
 where it can be predicted (the faulty field, the kind of fault), so a reply like "internal error" or a
 message that names the wrong field is caught too.
@@ -643,20 +645,3 @@ class HostileGenerator:
 
     def take(self, n: int) -> list[Hostile]:
         return [self.next() for _ in range(n)]
-
-
-def _self_check() -> None:  # pragma: no cover - `python -m bench.hostile` prints a sample
-    emb = {
-        "video_keys": ["ego_view"],
-        "state_dims": {"left_arm": 7},
-        "modality_config": {"video": {"delta_indices": [0]}, "state": {"delta_indices": [0]},
-                            "language": {"modality_keys": ["annotation.human.task_description"], "delta_indices": [0]}},
-    }
-    gen = HostileGenerator(emb, seed=0)
-    for name in gen.categories:
-        h = gen.make(name)
-        print(f"{name:24s} {len(h.payload):8d} bytes  expect {h.expect}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _self_check()
