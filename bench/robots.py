@@ -224,7 +224,7 @@ class Robot:
     """One simulated robot: one REQ socket per server it talks to, one request outstanding at a time."""
 
     def __init__(self, index: int, ctx: zmq.asyncio.Context, next_request: NextRequest, on_outcome: OnOutcome,
-                 *, rate_hz: float | None = None, phase: float = 0.0, pause_s: float = 0.0):
+                 *, rate_hz: float | None = None, phase: float = 0.0, pause_s: float = 0.0, error_pause_s: float = 0.0):
         self.index = index
         self.ctx = ctx
         self.next_request = next_request
@@ -232,6 +232,7 @@ class Robot:
         self.period = 1.0 / rate_hz if rate_hz else None
         self.phase = phase  # 0..1 of a period: robots at a rate are not in step
         self.pause_s = pause_s  # closed loop: a pause after each reply (a trickle rather than a flood)
+        self.error_pause_s = error_pause_s  # closed loop: a pause after a failure, as a real robot backs off
         self.sent = 0  # requests handed to a socket (so far, by this robot)
         self.in_flight: Request | None = None  # still set after a cancelled run: in flight at stop
         self.stop_requested = False
@@ -304,9 +305,11 @@ class Robot:
                 request = self.next_request(self)
                 if request is None:
                     return
-                await self.one(request)
-                if self.pause_s and not self.period:
-                    await asyncio.sleep(self.pause_s)
+                outcome = await self.one(request)
+                if not self.period:
+                    pause = self.pause_s if outcome.status == ACTION else max(self.pause_s, self.error_pause_s)
+                    if pause:
+                        await asyncio.sleep(pause)
         finally:
             self.close()
 
@@ -391,7 +394,8 @@ class BackgroundFleet:
             host, port, tag, _ = self.targets[k]
             return Request(Target(host, port).address, payloads[k][robot.sent % 2], timeout_s, tag)
 
-        self._crew = [Robot(i, ctx, next_request, self._record, pause_s=self.pause_s) for i in range(self.robots)]
+        self._crew = [Robot(i, ctx, next_request, self._record, pause_s=self.pause_s, error_pause_s=0.05)
+                      for i in range(self.robots)]
         ready.set()
         try:
             await run_robots(self._crew, time.perf_counter() + self.max_seconds, drain_s=timeout_s)
