@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import zmq.asyncio
 
-from bench.report import Progress, plot_report, plot_sweep
+from bench.report import Progress, fmt, plot_report, plot_sweep
 from bench.robots import (ACTION, Outcome, Request, Robot, Target, as_target, build_payloads, embodiment_of,
                           fetch_info, parse_target, run_robots)
 from bench.stats import summarize
@@ -100,7 +100,6 @@ class FleetReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines = [
             f"{self.label + ': ' if self.label else ''}{self.robots} robots -> {', '.join(self.targets)} "
             f"(B={self.batch}, {'closed loop' if self.rate_hz is None else f'{self.rate_hz:g} Hz'}, "

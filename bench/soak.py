@@ -36,6 +36,7 @@ import zmq.asyncio
 
 from bench.robots import (ACTION, ERROR, TIMEOUT, Outcome, Request, Robot, Target, as_target, build_payloads,
                           embodiment_of, fetch_info, run_robots)
+from bench.report import fmt
 from bench.stats import summarize
 from tests.support.hostile_corpus import HostileGenerator
 
@@ -89,7 +90,6 @@ class SoakReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines = [
             f"soak: {self.robots} robots -> {', '.join(self.targets)} for {self.elapsed_s:.1f} s, hostile "
             f"{self.hostile_rate:.0%}, " + (f"a replica killed every {self.kill_every_s:g} s" if self.kill_every_s else "no kills"),
