@@ -35,94 +35,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import zmq
 import zmq.asyncio
 
-from clients.codec import CodecError, packb, unpackb
-from clients.observations import random_observation
+from bench.report import Progress, fmt, plot_report, plot_sweep
+from bench.robots import (ACTION, Outcome, Request, Robot, Target, as_target, build_payloads, embodiment_of,
+                          fetch_info, parse_target, run_robots)
+from bench.stats import summarize
 
-__all__ = [
-    "FleetReport",
-    "Target",
-    "fetch_info",
-    "parse_target",
-    "plot_report",
-    "plot_sweep",
-    "run_fleet",
-    "run_fleet_sync",
-    "run_sweep",
-]
+__all__ = ["FleetReport", "merge_reports", "run_fleet", "run_fleet_sync", "run_sweep", "build_parser", "main"]
 
 DEFAULT_TIMEOUT_MS = 30_000
 PAYLOAD_POOL = 8  # distinct encoded observations per target, shared round-robin by its robots
 
 
 # ---------------------------------------------------------------------------------------------------------
-# targets
-
-
-@dataclass(frozen=True)
-class Target:
-    """A server address; `embodiment_tag` (optional) is sent as the request's top-level routing field."""
-
-    host: str
-    port: int
-    embodiment_tag: str | None = None
-
-    @property
-    def address(self) -> str:
-        host = self.host.strip("[]")
-        return f"tcp://[{host}]:{self.port}" if ":" in host else f"tcp://{host}:{self.port}"
-
-    @property
-    def label(self) -> str:
-        host = f"[{self.host.strip('[]')}]" if ":" in self.host.strip("[]") else self.host
-        return f"{host}:{self.port}" + (f"/{self.embodiment_tag}" if self.embodiment_tag else "")
-
-
-def parse_target(text: str, default_host: str = "127.0.0.1") -> Target:
-    """`host:port`, `port`, `[v6]:port`, each optionally followed by `/embodiment_tag`."""
-    spec, _, tag = text.strip().partition("/")
-    host, port = default_host, spec
-    if spec.startswith("["):
-        end = spec.find("]")
-        if end < 0 or not spec[end + 1:].startswith(":"):
-            raise ValueError(f"target {text!r}: expected [ipv6]:port")
-        host, port = spec[1:end], spec[end + 2:]
-    elif ":" in spec:
-        host, _, port = spec.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"target {text!r}: expected host:port (port a number), got port {port!r}") from None
-    if not 1 <= number <= 65535:
-        raise ValueError(f"target {text!r}: port {number} out of range 1-65535")
-    return Target(host or default_host, number, tag or None)
-
-
-def _as_target(t: Target | str | int) -> Target:
-    if isinstance(t, Target):
-        return t
-    return parse_target(str(t))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # report
-
-
-def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    if not len(values):
-        return {"min": None, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
-    arr = np.asarray(values, dtype=np.float64)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {
-        "min": round(float(arr.min()), 3),
-        "mean": round(float(arr.mean()), 3),
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(arr.max()), 3),
-    }
 
 
 @dataclass
@@ -173,7 +100,6 @@ class FleetReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines = [
             f"{self.label + ': ' if self.label else ''}{self.robots} robots -> {', '.join(self.targets)} "
             f"(B={self.batch}, {'closed loop' if self.rate_hz is None else f'{self.rate_hz:g} Hz'}, "
@@ -192,92 +118,15 @@ class FleetReport:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# info and observations
-
-
-def fetch_info(target: Target | str, timeout_ms: int = 10_000, api_token: str | None = None,
-               context: zmq.Context | None = None) -> dict[str, Any]:
-    """The `info` reply of a server (blocking, bounded by `timeout_ms`); raises TimeoutError / RuntimeError."""
-    target = _as_target(target)
-    ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(target.address)
-        request: dict[str, Any] = {"endpoint": "info"}
-        if api_token is not None:
-            request["api_token"] = api_token
-        if target.embodiment_tag:
-            request["embodiment_tag"] = target.embodiment_tag
-        sock.send(packb(request))
-        if not sock.poll(timeout_ms, zmq.POLLIN):
-            raise TimeoutError(f"{target.address}: no reply to 'info' within {timeout_ms} ms (is the server up?)")
-        reply = unpackb(sock.recv(copy=False).buffer)
-    finally:
-        sock.close(linger=0)
-    if isinstance(reply, dict) and "error" in reply:
-        raise RuntimeError(f"{target.address}: 'info' answered an error: {reply['error']}")
-    if not isinstance(reply, dict) or "embodiments" not in reply:
-        raise RuntimeError(f"{target.address}: 'info' reply has no 'embodiments' (not a fleetserve-style server?)")
-    return reply
-
-
-def embodiment_of(info: dict[str, Any], target: Target) -> dict[str, Any]:
-    """The description of the embodiment `target` is served: its tag, or the port's default."""
-    tag = target.embodiment_tag or info.get("default_embodiment")
-    embodiments = info["embodiments"]
-    if tag not in embodiments:
-        lowered = {k.lower(): k for k in embodiments}
-        if isinstance(tag, str) and tag.lower() in lowered:
-            tag = lowered[tag.lower()]
-        elif len(embodiments) == 1:
-            tag = next(iter(embodiments))
-        else:
-            raise ValueError(f"{target.label}: embodiment {tag!r} not in the server's {sorted(embodiments)}")
-    return embodiments[tag]
-
-
-def build_payloads(target: Target, embodiment: dict[str, Any], batch: int, image_size: tuple[int, int] | None,
-                   count: int, seed: int, api_token: str | None = None) -> list[bytes]:
-    """`count` distinct, already encoded get_action requests for `target` (robots share them round-robin)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        request: dict[str, Any] = {
-            "endpoint": "get_action",
-            "data": {"observation": random_observation(embodiment, batch, image_size=image_size, rng=rng), "options": None},
-        }
-        if api_token is not None:
-            request["api_token"] = api_token
-        if target.embodiment_tag:
-            request["embodiment_tag"] = target.embodiment_tag
-        out.append(packb(request))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the fleet
 
 
-def _error_kind(reply: dict[str, Any]) -> str:
-    """Group error replies by their kind and reason (`{"error": ..., "kind": ..., "reason": ...}`), or, from
-    servers that send no kind (upstream's), by their message prefix: up to the first ':' (at most 60 characters)."""
-    if isinstance(reply.get("kind"), str):
-        reason = reply.get("reason")
-        return f"error reply: {reply['kind']}" + (f" ({reason})" if isinstance(reason, str) else "")
-    text = str(reply["error"])
-    head = text.split(":", 1)[0] if ":" in text[:61] else text[:60]
-    return f"error reply: {head.strip()}"
-
-
 class _Stats:
-    """Counters shared by the robots of one process (one event loop: no locks needed)."""
+    """What the robots of one process measured (one event loop: no locks needed): the outcome sink."""
 
     def __init__(self, targets: list[Target]):
-        self.sent = 0
         self.answered = 0
         self.errors = 0
-        self.in_flight = 0
         self.kinds: Counter[str] = Counter()
         self.window_start = math.inf
         self.window_end = math.inf
@@ -288,143 +137,55 @@ class _Stats:
         self.overheads: list[float] = []
         self.window_errors = 0
         self.recent: list[float] = []  # every latency, for the live p50
-        self.per_target = {t.label: {"robots": 0, "sent": 0, "answered": 0, "errors": 0, "latencies": []} for t in targets}
+        self.per_target = {t.label: {"robots": 0, "sent": 0, "answered": 0, "errors": 0, "latencies": []}
+                           for t in targets}
+        self.crew: list[Robot] = []
 
     def in_window(self, now: float) -> bool:
         return self.window_start <= now <= self.window_end
 
+    def in_flight(self) -> int:
+        return sum(r.in_flight is not None for r in self.crew)
+
+    def sent(self) -> int:
+        return sum(r.sent for r in self.crew)
+
+    def record(self, outcome: Outcome) -> None:
+        per_target = self.per_target[outcome.request.label]
+        per_target["sent"] += 1
+        now = outcome.done_at
+        if outcome.status != ACTION:
+            self.errors += 1
+            per_target["errors"] += 1
+            self.kinds[outcome.label] += 1
+            if self.in_window(now):
+                self.window_errors += 1
+            return
+        latency_ms = outcome.latency_ms
+        self.answered += 1
+        per_target["answered"] += 1
+        self.recent.append(latency_ms)
+        if len(self.recent) > 20_000:
+            del self.recent[:10_000]
+        if not self.in_window(now):
+            return
+        self.latencies.append(latency_ms)
+        per_target["latencies"].append(latency_ms)
+        server = outcome.server
+        if isinstance(server.get("batch_size"), (int, float)):
+            self.batch_sizes.append(float(server["batch_size"]))
+        if isinstance(server.get("replica"), str):
+            self.replicas[server["replica"]] += 1
+        for key, values in self.server.items():
+            if isinstance(server.get(key), (int, float)):
+                values.append(float(server[key]))
+        if isinstance(server.get("infer_ms"), (int, float)):
+            self.overheads.append(latency_ms - float(server["infer_ms"]))
+
     def progress(self) -> tuple[int, int, int, int, float]:
         recent = self.recent[-2000:]
         p50 = float(np.median(recent)) if recent else float("nan")
-        return self.sent, self.answered, self.errors, self.in_flight, p50
-
-
-class _Robot:
-    def __init__(self, index: int, ctx: zmq.asyncio.Context, target: Target, payloads: list[bytes],
-                 stats: _Stats, timeout_s: float, rate_hz: float | None, batch: int):
-        self.index = index
-        self.ctx = ctx
-        self.target = target
-        self.payloads = payloads
-        self.stats = stats
-        self.timeout_s = timeout_s
-        self.period = None if not rate_hz else 1.0 / rate_hz
-        self.batch = batch
-        self.sock: zmq.asyncio.Socket | None = None
-        self.tstats = stats.per_target[target.label]
-        self.tstats["robots"] += 1
-
-    def _open(self) -> None:
-        sock = self.ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        if ":" in self.target.host.strip("[]"):
-            sock.setsockopt(zmq.IPV6, 1)
-        sock.connect(self.target.address)
-        self.sock = sock
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
-
-    def _error(self, kind: str, now: float) -> None:
-        self.stats.errors += 1
-        self.tstats["errors"] += 1
-        self.stats.kinds[kind] += 1
-        if self.stats.in_window(now):
-            self.stats.window_errors += 1
-
-    async def one(self, payload: bytes) -> None:
-        """One request, accounted exactly once: answered, an error, or (cancelled) in flight at stop."""
-        st = self.stats
-        if self.sock is None:
-            self._open()
-        st.sent += 1
-        st.in_flight += 1
-        self.tstats["sent"] += 1
-        t0 = time.perf_counter()
-        try:
-            await asyncio.wait_for(self.sock.send(payload, copy=False), self.timeout_s)
-            raw = await asyncio.wait_for(self.sock.recv(copy=False), max(0.0, self.timeout_s - (time.perf_counter() - t0)))
-        except asyncio.TimeoutError:
-            st.in_flight -= 1
-            self.close()  # a REQ socket that got no reply is stuck: rebuild it (new identity, no stale reply)
-            self._error("timeout", time.perf_counter())
-            return
-        except asyncio.CancelledError:
-            self.close()  # stays counted in in_flight: the caller reports it as in flight at stop
-            raise
-        except zmq.ZMQError as exc:
-            st.in_flight -= 1
-            self.close()
-            self._error(f"socket error: {exc.strerror}", time.perf_counter())
-            return
-        now = time.perf_counter()
-        st.in_flight -= 1
-        latency_ms = (now - t0) * 1000.0
-        try:
-            reply = unpackb(raw.buffer)
-        except CodecError as exc:
-            self._error(f"undecodable reply: {exc.reason[:40]}", now)
-            return
-        if isinstance(reply, dict) and "error" in reply:
-            self._error(_error_kind(reply), now)
-            return
-        if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], dict)):
-            self._error(f"unexpected reply: {type(reply).__name__}", now)
-            return
-        st.answered += 1
-        self.tstats["answered"] += 1
-        st.recent.append(latency_ms)
-        if len(st.recent) > 20_000:
-            del st.recent[:10_000]
-        if st.in_window(now):
-            st.latencies.append(latency_ms)
-            self.tstats["latencies"].append(latency_ms)
-            server = reply[1].get("server") if isinstance(reply[1], dict) else None
-            if isinstance(server, dict):
-                bs = server.get("batch_size")
-                if isinstance(bs, (int, float)):
-                    st.batch_sizes.append(float(bs))
-                replica = server.get("replica")
-                if isinstance(replica, str):
-                    st.replicas[replica] += 1
-                for key, values in st.server.items():
-                    v = server.get(key)
-                    if isinstance(v, (int, float)):
-                        values.append(float(v))
-                infer = server.get("infer_ms")
-                if isinstance(infer, (int, float)):
-                    st.overheads.append(latency_ms - float(infer))
-
-    async def run(self, stop_at: float, budget: "_Budget", phase: float) -> None:
-        n = self.index
-        next_at = time.perf_counter() + (phase * self.period if self.period else 0.0)
-        while True:
-            if self.period:
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at = max(next_at + self.period, time.perf_counter())  # late: skip ticks, never burst
-            if time.perf_counter() >= stop_at or not budget.take():
-                return
-            await self.one(self.payloads[n % len(self.payloads)])
-            n += 1
-
-
-class _Budget:
-    """The `--requests N` bound, shared by the robots of one process."""
-
-    def __init__(self, total: int | None):
-        self.left = total
-
-    def take(self) -> bool:
-        if self.left is None:
-            return True
-        if self.left <= 0:
-            return False
-        self.left -= 1
-        return True
+        return self.sent(), self.answered, self.errors, self.in_flight(), p50
 
 
 ProgressFn = Callable[[float, int, int, int, int, float], None]  # elapsed, sent, answered, errors, in flight, p50
@@ -462,7 +223,7 @@ async def run_fleet(
         raise ValueError("run_fleet: give duration_s and/or requests (a fleet run is always bounded)")
     if robots < 1:
         raise ValueError(f"robots: expected at least 1, got {robots}")
-    tlist = [_as_target(t) for t in targets]
+    tlist = [as_target(t) for t in targets]
     if not tlist:
         raise ValueError("targets: expected at least one server address")
     timeout_s = timeout_ms / 1000.0
@@ -480,22 +241,28 @@ async def run_fleet(
 
     ctx = zmq.asyncio.Context(io_threads=2 if robots > 64 else 1)
     stats = _Stats(tlist)
-    fleet = []
+    left = [requests]  # the `requests` bound, shared by this process's robots
+
+    def next_request(robot: Robot) -> Request | None:
+        if left[0] is not None:
+            if left[0] <= 0:
+                return None
+            left[0] -= 1
+        t = tlist[robot.index % len(tlist)]
+        pool = payloads[t.label]
+        return Request(t.address, pool[(robot.index + robot.sent) % len(pool)], timeout_s, t.label)
+
+    phases = np.random.default_rng(seed + 1).random(robots)
     for j in range(robots):
         k = robot_offset + j  # the robot's index in the whole fleet (several processes share one numbering)
-        t = tlist[k % len(tlist)]
-        fleet.append(_Robot(k, ctx, t, payloads[t.label], stats, timeout_s, rate_hz, batch))
-    for r in fleet:
-        r._open()
+        stats.crew.append(Robot(k, ctx, next_request, stats.record, rate_hz=rate_hz, phase=float(phases[j])))
+        stats.per_target[tlist[k % len(tlist)].label]["robots"] += 1
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
     started_unix = time.time()
     t_start = time.perf_counter()
     stop_at = t_start + duration_s if duration_s is not None else math.inf
     stats.window_start = t_start + warmup_s
-    budget = _Budget(requests)
-    phases = np.random.default_rng(seed + 1).random(robots)
-    tasks = [asyncio.ensure_future(r.run(stop_at, budget, float(phases[i]))) for i, r in enumerate(fleet)]
 
     async def report_progress() -> None:
         while True:
@@ -505,26 +272,11 @@ async def run_fleet(
 
     ticker = asyncio.ensure_future(report_progress())
     try:
-        if duration_s is not None:
-            # Sending stops at stop_at; requests on their way get `drain` more seconds.
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at - time.perf_counter()))
-            stats.window_end = time.perf_counter()
-            if pending:
-                done, pending = await asyncio.wait(pending, timeout=drain)
-        else:
-            # Bounded by the request count alone: every robot's last request is bounded by the timeout.
-            done, pending = await asyncio.wait(tasks)
-            stats.window_end = time.perf_counter()
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+        # Sending stops at stop_at (or, bounded by the request count alone, when the budget is spent); requests
+        # on their way get `drain` more seconds; the window ends when sending stopped.
+        stats.window_end = await run_robots(stats.crew, stop_at, drain)
     finally:
         ticker.cancel()
-        for r in fleet:
-            r.close()
         ctx.term()
     wall = time.perf_counter() - t_start
     return _report(stats, tlist, robots, batch, rate_hz, duration_s, warmup_s, 1, wall, started_unix, label,
@@ -539,7 +291,7 @@ def _report(stats: _Stats, targets: list[Target], robots: int, batch: int, rate_
     per_target = {}
     for name, t in stats.per_target.items():
         per_target[name] = {k: v for k, v in t.items() if k != "latencies"}
-        per_target[name]["latency_ms"] = _percentiles(t["latencies"])
+        per_target[name]["latency_ms"] = summarize(t["latencies"])
         per_target[name]["throughput_rps"] = round(len(t["latencies"]) / window_s, 3)
     return FleetReport(
         robots=robots,
@@ -549,21 +301,21 @@ def _report(stats: _Stats, targets: list[Target], robots: int, batch: int, rate_
         duration_s=duration_s,
         warmup_s=warmup_s,
         processes=processes,
-        sent=stats.sent,
+        sent=stats.sent(),
         answered=stats.answered,
         errors=stats.errors,
-        in_flight_at_stop=stats.in_flight,
+        in_flight_at_stop=stats.in_flight(),
         errors_by_kind=dict(stats.kinds),
         window_s=round(window_s, 3),
         window_answered=window_answered,
         window_errors=stats.window_errors,
         throughput_rps=round(window_answered / window_s, 3),
         samples_per_s=round(window_answered * batch / window_s, 3),
-        latency_ms=_percentiles(stats.latencies),
+        latency_ms=summarize(stats.latencies),
         mean_batch_size=round(float(np.mean(stats.batch_sizes)), 3) if stats.batch_sizes else None,
         server_ms={k: (round(float(np.mean(v)), 3) if v else None) for k, v in stats.server.items()},
         replicas=dict(stats.replicas),
-        overhead_ms=_percentiles(stats.overheads),
+        overhead_ms=summarize(stats.overheads),
         per_target=per_target,
         wall_s=round(wall, 3),
         started_at=started,
@@ -603,7 +355,7 @@ def _run_multiprocess(processes: int, args: tuple, kwargs: dict) -> FleetReport:
     params = dict(zip(("targets", "robots", "duration_s"), args))
     params.update(kwargs)
     robots = int(params.pop("robots"))
-    targets = [_as_target(t) for t in params.pop("targets")]
+    targets = [as_target(t) for t in params.pop("targets")]
     progress = params.pop("progress", None)
     progress_every_s = params.pop("progress_every_s", 1.0)
     requests = params.pop("requests", None)
@@ -698,14 +450,15 @@ def merge_reports(reports: Sequence[FleetReport], label: str | None = None) -> F
         window_errors=sum(r.window_errors for r in reports),
         throughput_rps=round(sum(r.throughput_rps for r in reports), 3),
         samples_per_s=round(sum(r.samples_per_s for r in reports), 3),
-        latency_ms=_percentiles(latencies),
+        latency_ms=summarize(latencies),
         mean_batch_size=(round(sum(b * n for b, n in batch_weighted) / max(1, sum(n for _, n in batch_weighted)), 3)
                          if batch_weighted else None),
         server_ms=server_ms,
         replicas=dict(replicas),
         # processes' overhead percentiles, weighted by replies (the raw values stay in the processes)
-        overhead_ms={k: (round(sum((r.overhead_ms.get(k) or 0.0) * r.window_answered for r in reports)
-                               / max(1, answered), 3) if all(r.overhead_ms.get(k) is not None for r in reports) else None)
+        overhead_ms={k: (sum(r.overhead_ms.get(k) or 0 for r in reports) if k == "n" else
+                         round(sum((r.overhead_ms.get(k) or 0.0) * r.window_answered for r in reports) / max(1, answered), 3)
+                         if all(r.overhead_ms.get(k) is not None for r in reports) else None)
                      for k in first.overhead_ms},
         per_target=per_target,
         wall_s=max(r.wall_s for r in reports),
@@ -729,137 +482,6 @@ def run_sweep(targets: Sequence[Target | str], robot_counts: Iterable[int], dura
         if on_report is not None:
             on_report(report)
     return reports
-
-
-# ---------------------------------------------------------------------------------------------------------
-# plots (matplotlib only here, imported lazily)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("plots need matplotlib (pip install matplotlib); the run itself does not") from exc
-    return plt
-
-
-def plot_report(report: FleetReport | Sequence[FleetReport], path: str, title: str | None = None) -> str:
-    """Latency distribution (histogram and CDF) of one or more runs, to a PNG."""
-    plt = _pyplot()
-    reports = [report] if isinstance(report, FleetReport) else list(report)
-    fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(12, 4.5))
-    every = [x for r in reports for x in r.latencies if x > 0]
-    wide = bool(every) and max(every) / max(min(every), 1e-3) > 20  # decades apart: log axes
-    bins: Any = 60
-    if wide:
-        bins = np.geomspace(max(min(every), 1e-3), max(every), 80)
-    for r in reports:
-        if not r.latencies:
-            continue
-        name = r.label or f"{r.robots} robots"
-        lat = np.sort(np.asarray(r.latencies))
-        ax_h.hist(lat, bins=bins, alpha=0.5, label=f"{name} (p50 {np.median(lat):.1f} ms)")
-        ax_c.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=name)
-    if wide:
-        ax_h.set_xscale("log")
-        ax_c.set_xscale("log")
-    ax_h.set_xlabel("latency (ms)")
-    ax_h.set_ylabel("replies")
-    ax_h.set_title("latency histogram")
-    ax_c.set_xlabel("latency (ms)")
-    ax_c.set_ylabel("fraction of replies")
-    ax_c.set_title("latency CDF")
-    ax_c.grid(alpha=0.3)
-    for ax in (ax_h, ax_c):
-        if any(r.latencies for r in reports):
-            ax.legend(fontsize=8)
-    fig.suptitle(title or "fleet latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_sweep(series: dict[str, Sequence[FleetReport]] | Sequence[FleetReport], path: str, title: str | None = None,
-               limits: dict[str, float] | None = None) -> str:
-    """Throughput and p99 latency against the number of robots, one line per labelled series.
-
-    `limits`: horizontal reference lines on the throughput panel (e.g. {"in-process limit, B=16": 21.3}).
-    """
-    plt = _pyplot()
-    if not isinstance(series, dict):
-        series = {"fleet": list(series)}
-    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, reports in series.items():
-        reports = sorted(reports, key=lambda r: r.robots)
-        xs = [r.robots for r in reports]
-        ax_t.plot(xs, [r.samples_per_s for r in reports], marker="o", label=name)
-        ax_p.plot(xs, [r.latency_ms.get("p99") or float("nan") for r in reports], marker="o", label=f"{name} p99")
-        ax_p.plot(xs, [r.latency_ms.get("p50") or float("nan") for r in reports], marker=".", linestyle=":",
-                  label=f"{name} p50")
-    for name, value in (limits or {}).items():
-        ax_t.axhline(value, linestyle="--", linewidth=1, color="gray")
-        ax_t.text(0.01, value, name, transform=ax_t.get_yaxis_transform(), fontsize=7, va="bottom", color="gray")
-    for ax in (ax_t, ax_p):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("robots")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    ax_t.set_ylabel("throughput (samples/s)")
-    ax_t.set_title("throughput")
-    ax_p.set_yscale("log")
-    ax_p.set_ylabel("latency (ms)")
-    ax_p.set_title("latency")
-    fig.suptitle(title or "fleet sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
-
-
-class _Progress:
-    """One line refreshed in place on a TTY; a line every few seconds otherwise."""
-
-    def __init__(self, stream=sys.stderr, every_s: float = 5.0, prefix: str = ""):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.every_s = every_s
-        self.prefix = prefix
-        self._last_line = -math.inf
-        self._last = (0.0, 0)
-        self.dirty = False
-
-    def __call__(self, elapsed, sent, answered, errors, in_flight, p50) -> None:
-        if not self.tty and elapsed - self._last_line < self.every_s:
-            return
-        t_prev, n_prev = self._last  # req/s since the previous line shown
-        rate = (answered - n_prev) / (elapsed - t_prev) if elapsed > t_prev else 0.0
-        self._last = (elapsed, answered)
-        p50_text = "-" if p50 != p50 else f"{p50:.1f} ms"
-        line = (f"{self.prefix}{elapsed:6.1f}s sent {sent} answered {answered} ({rate:.1f} req/s) "
-                f"p50 {p50_text} errors {errors} in flight {in_flight}")
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.dirty = True
-        else:
-            self._last_line = elapsed
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.dirty:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.dirty = False
-        self._last = (0.0, 0)
-        self._last_line = -math.inf
 
 
 def _int_list(text: str) -> list[int]:
@@ -930,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration is not None and args.warmup >= args.duration:
         parser.error(f"--warmup ({args.warmup:g}) must be shorter than --duration ({args.duration:g})")
 
-    progress = None if args.quiet else _Progress()
+    progress = None if args.quiet else Progress()
     kwargs = dict(requests=args.requests, warmup_s=args.warmup, rate_hz=args.rate, batch=args.batch,
                   image_size=args.image_size, timeout_ms=args.timeout_ms, drain_s=args.drain_s,
                   api_token=args.api_token, seed=args.seed, processes=args.processes, progress=progress)

@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench.stats import summarize
 
 TAG = "gr1"
 
@@ -91,10 +92,9 @@ def _latency(pol, batch: int, iters: int, warm: int) -> dict[str, Any]:
         t = time.perf_counter()
         pol.get_actions(reqs)  # ends in a device-to-host copy of the actions: synchronised
         times.append((time.perf_counter() - t) * 1000.0)
-    times.sort()
-    med = statistics.median(times)
-    return {"batch": batch, "median_ms": round(med, 2), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
-            "min_ms": round(times[0], 2), "samples_per_s": round(batch / med * 1000.0, 1),
+    summary = summarize(times)
+    return {"batch": batch, "median_ms": summary["p50"], "p90_ms": summary["p90"],
+            "min_ms": summary["min"], "samples_per_s": round(batch / summary["p50"] * 1000.0, 1),
             "warmup_s": round(first_s, 2), "iters": iters}
 
 

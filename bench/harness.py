@@ -1,18 +1,24 @@
 """What the benchmarks share: the served app as `make serve` starts it (`serve run` of serve_config.yaml with the
-bench's substitutions), the demo checkpoints they run, free ports, the machine's description, and the settling of
-autoscaling before a measurement. bench.run, bench.slo, bench.hops and bench.multiplex build on it.
+bench's substitutions) and its status page, the demo checkpoints they run, free ports, the machine's description,
+the settling of autoscaling before a measurement, and the results files (JSON under bench/results/, each with the
+machine, the commit and the command that produced it). The serial reference server is bench/serial_server.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from bench.fleet import run_fleet_sync
+from bench.robots import fetch_info
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
@@ -83,6 +89,35 @@ def ensure_checkpoint(preset: str) -> Path:
     if not (path / "config.json").exists():
         log(f"building the {preset!r} demo checkpoint at {path} (once; reused by later runs)")
     return ensure_demo_checkpoint(path, preset, embodiments=("gr1", "unitree_g1"))
+
+
+def results_header(module: str, argv: Sequence[str] | None, device: str) -> dict[str, Any]:
+    """What every results file starts with: the command that produced it, when, and on what (machine, commit)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return {"command": " ".join(["python -m", module, *args]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": machine_info(device)}
+
+
+def write_results(name: str, stamp: str, results: dict[str, Any]) -> Path:
+    """bench/results/<name>-<stamp>.json, and a copy as <name>-latest.json (what BENCHMARKS.md tables cite)."""
+    missing = [k for k in ("command", "machine") if k not in results]
+    if missing:  # a figure nobody can reproduce is not a result
+        raise ValueError(f"results for {name!r} lack {missing}: start them from results_header()")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (RESULTS / f"{name}-latest.json").write_text(path.read_text())
+    return path
+
+
+def status_page(url: str) -> dict[str, Any] | None:
+    """The ingress's HTTP status page (forward-time model, counts, reply hops), None if it cannot be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        log(f"  status page {url} unreadable: {exc}")
+        return None
 
 
 def bench_serve_config(checkpoint: Path, plan: Any) -> dict[str, Any]:
@@ -187,8 +222,6 @@ class ServeRun:
         self.log_path = log_path
 
     def wait_ready(self, target: str, timeout_s: float = 600.0) -> None:
-        from bench.fleet import fetch_info
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -215,3 +248,19 @@ class ServeRun:
                     self.proc.kill()
                     self.proc.wait(10)
         self._log.close()
+
+
+def start_app(config: dict[str, Any], port: int, config_path: Path, log_path: Path, attempts: int = 3) -> ServeRun:
+    """`serve run` of the app, ready to answer on `port`; retried: a busy machine can miss Ray's fixed 30 s node
+    startup."""
+    for attempt in range(1, attempts + 1):
+        runner = ServeRun(config, config_path, log_path)
+        try:
+            runner.wait_ready(f"127.0.0.1:{port}")
+            return runner
+        except RuntimeError as exc:
+            runner.stop()
+            if attempt == attempts:
+                raise
+            log(f"  app did not start ({exc}); retrying ({attempt}/{attempts})")
+    raise AssertionError("unreachable")

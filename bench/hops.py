@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-import zmq
 import zmq.asyncio
 
-from bench.fleet import build_payloads, embodiment_of, fetch_info, parse_target
-from bench.harness import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info, settle_replicas
-from clients.codec import packb, unpackb
+from bench.harness import (RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, results_header,
+                           settle_replicas, status_page, write_results)
+from bench.report import fmt
+from bench.robots import ACTION, Outcome, Request, Robot, build_payloads, embodiment_of, fetch_info, parse_target, run_robots
+from bench.serial_server import SerialServerProcess
+from bench.stats import percentile
 
 # (hop, what it covers, from stamp, to stamp); "send" and "robot" are the robot's own stamps.
 HOPS: list[tuple[str, str, str, str]] = [
@@ -48,54 +49,34 @@ HOPS: list[tuple[str, str, str, str]] = [
 ENCODE, SEND = "reply encode", "reply send"
 
 
-def _quantile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    ordered = sorted(xs)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def _robot(ctx, address: str, payload: bytes, stop: float, start: float, out: list[dict], errors: list[str]):
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    try:
-        while time.time() < stop:
-            sent = time.time()
-            await sock.send(payload, copy=False)
-            if not await sock.poll(60_000, zmq.POLLIN):
-                errors.append("timeout")
-                return
-            body = await sock.recv(copy=False)
-            got = time.time()
-            reply = unpackb(body.buffer)
-            if isinstance(reply, dict) and "error" in reply:
-                errors.append(str(reply.get("kind")))
-                continue
-            if sent < start:
-                continue
-            server = reply[1].get("server", {}) if isinstance(reply, list) and len(reply) == 2 else {}
-            trace = server.get("trace")
-            if isinstance(trace, dict):
-                out.append({**trace, "send": sent, "robot": got, "batch_size": server.get("batch_size")})
-    finally:
-        sock.close(0)
-
-
 def drive(address: str, payload: bytes, robots: int, warmup_s: float, window_s: float) -> tuple[list[dict], list[str]]:
-    async def main():
+    """`robots` closed-loop robots for warmup + window; the traced replies of the window (the server's stamps plus
+    the robot's own, as epoch seconds: one machine, one clock) and every error by kind."""
+    traces: list[dict] = []
+    errors: list[str] = []
+
+    async def measure() -> None:
         ctx = zmq.asyncio.Context()
-        start = time.time() + warmup_s
-        traces: list[dict] = []
-        errors: list[str] = []
+        wall = time.time() - time.perf_counter()  # the server stamps epoch seconds; the robot perf_counter
+        start = time.perf_counter() + warmup_s
+
+        def keep(outcome: Outcome) -> None:
+            if outcome.status != ACTION:
+                errors.append(outcome.label)
+                return
+            trace = outcome.server.get("trace")
+            if outcome.sent_at >= start and isinstance(trace, dict):
+                traces.append({**trace, "send": outcome.sent_at + wall, "robot": outcome.done_at + wall,
+                               "batch_size": outcome.server.get("batch_size")})
+
+        crew = [Robot(i, ctx, lambda _robot: Request(address, payload, 60.0), keep) for i in range(robots)]
         try:
-            await asyncio.gather(*(_robot(ctx, address, payload, start + window_s, start, traces, errors)
-                                   for _ in range(robots)))
+            await run_robots(crew, start + window_s, drain_s=60.0)
         finally:
             ctx.destroy(linger=0)
-        return traces, errors
 
-    return asyncio.run(main())
+    asyncio.run(measure())
+    return traces, errors
 
 
 def breakdown(traces: list[dict], reply_hops: dict[str, Any] | None) -> dict[str, Any]:
@@ -103,61 +84,48 @@ def breakdown(traces: list[dict], reply_hops: dict[str, Any] | None) -> dict[str
     rows: dict[str, dict[str, Any]] = {}
     for name, what, a, b in HOPS:
         xs = [(t[b] - t[a]) * 1000.0 for t in traces if a in t and b in t]
-        rows[name] = {"what": what, "p50_ms": _quantile(xs, 0.5), "p90_ms": _quantile(xs, 0.9), "n": len(xs)}
+        rows[name] = {"what": what, "p50_ms": percentile(xs, 50), "p90_ms": percentile(xs, 90), "n": len(xs)}
     encode = (reply_hops or {}).get("encode_ms_p50")
     send = [(t["robot"] - t["reply"]) * 1000.0 - (encode or 0.0) for t in traces if "reply" in t]
     rows[ENCODE] = {"what": "packb of the reply (ingress status page, p50)", "p50_ms": encode, "p90_ms": None,
                     "n": (reply_hops or {}).get("replies", 0)}
-    rows[SEND] = {"what": "reply built and encoded -> the robot has it", "p50_ms": _quantile(send, 0.5),
-                  "p90_ms": _quantile(send, 0.9), "n": len(send)}
+    rows[SEND] = {"what": "reply built and encoded -> the robot has it", "p50_ms": percentile(send, 50),
+                  "p90_ms": percentile(send, 90), "n": len(send)}
     total = [(t["robot"] - t["send"]) * 1000.0 for t in traces]
     added = [(t["robot"] - t["send"] - (t["forward_end"] - t["forward_start"])) * 1000.0
              for t in traces if "forward_start" in t]
     threads = [t["forward_threads"] for t in traces if "forward_threads" in t]
-    return {"hops": rows, "total_p50_ms": _quantile(total, 0.5), "total_p90_ms": _quantile(total, 0.9),
+    return {"hops": rows, "total_p50_ms": percentile(total, 50), "total_p90_ms": percentile(total, 90),
             "passes_on_threads": {str(n): threads.count(n) for n in sorted(set(threads))},
-            "added_p50_ms": _quantile(added, 0.5), "replies": len(traces),
+            "added_p50_ms": percentile(added, 50), "replies": len(traces),
             "mean_batch_size": (sum(t.get("batch_size") or 0 for t in traces) / len(traces)) if traces else None}
-
-
-def status(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read())
-    except (OSError, ValueError) as exc:
-        log(f"  status page {url} unreadable: {exc}")
-        return None
 
 
 def serial_p50(checkpoint: Path, payload: bytes, warmup_s: float, window_s: float, threads: int | None) -> dict:
     """The serial reference at one robot, same payload (its reply has no trace: latency and infer_ms only)."""
-    from bench.serial_server import SerialServerProcess
+    lat: list[float] = []
+    infer: list[float] = []
 
-    async def main(address: str):
+    async def measure(address: str) -> None:
         ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        start = time.time() + warmup_s
-        lat, infer = [], []
+        start = time.perf_counter() + warmup_s
+
+        def keep(outcome: Outcome) -> None:
+            if outcome.sent_at >= start and outcome.status == ACTION:
+                lat.append(outcome.latency_ms)
+                infer.append(outcome.server["infer_ms"])
+
         try:
-            while time.time() < start + window_s:
-                sent = time.time()
-                await sock.send(payload)
-                reply = unpackb(await sock.recv())
-                got = time.time()
-                if sent >= start and isinstance(reply, list):
-                    lat.append((got - sent) * 1000.0)
-                    infer.append(reply[1]["server"]["infer_ms"])
+            await run_robots([Robot(0, ctx, lambda _robot: Request(address, payload, 60.0), keep)],
+                             start + window_s, drain_s=60.0)
         finally:
             ctx.destroy(linger=0)
-        return lat, infer
 
     with SerialServerProcess(str(checkpoint), "gr1", torch_threads=threads,
                              log_path=str(RESULTS / "hops-serial.log")) as server:
-        lat, infer = asyncio.run(main(f"tcp://127.0.0.1:{server.port}"))
-    return {"torch_threads": threads, "p50_ms": _quantile(lat, 0.5), "infer_p50_ms": _quantile(infer, 0.5),
-            "added_p50_ms": _quantile([a - b for a, b in zip(lat, infer)], 0.5), "replies": len(lat)}
+        asyncio.run(measure(f"tcp://127.0.0.1:{server.port}"))
+    return {"torch_threads": threads, "p50_ms": percentile(lat, 50), "infer_p50_ms": percentile(infer, 50),
+            "added_p50_ms": percentile([a - b for a, b in zip(lat, infer)], 50), "replies": len(lat)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -169,26 +137,22 @@ def print_table(result: dict[str, Any]) -> None:
         cells = []
         for p in points:
             row = p["hops"][name]
-            cells.append(f"{_fmt(row['p50_ms']):>16} {_fmt(row['p90_ms']):>7}")
+            cells.append(f"{fmt(row['p50_ms'], 2):>16} {fmt(row['p90_ms'], 2):>7}")
         print(f"{name:<16} " + " ".join(cells))
-    print(f"{'total (robot)':<16} " + " ".join(f"{_fmt(p['total_p50_ms']):>16} {_fmt(p['total_p90_ms']):>7}" for p in points))
-    print(f"{'added (- fwd)':<16} " + " ".join(f"{_fmt(p['added_p50_ms']):>16} {'':>7}" for p in points))
-    print(f"{'mean batch':<16} " + " ".join(f"{_fmt(p['mean_batch_size'], 2):>16} {'':>7}" for p in points))
+    print(f"{'total (robot)':<16} " + " ".join(f"{fmt(p['total_p50_ms'], 2):>16} {fmt(p['total_p90_ms'], 2):>7}" for p in points))
+    print(f"{'added (- fwd)':<16} " + " ".join(f"{fmt(p['added_p50_ms'], 2):>16} {'':>7}" for p in points))
+    print(f"{'mean batch':<16} " + " ".join(f"{fmt(p['mean_batch_size'], 2):>16} {'':>7}" for p in points))
     for p in points:
         if p.get("passes_on_threads"):
             print(f"  {p['robots']} robot(s): replies by the torch threads of their pass: {p['passes_on_threads']}")
     s = result.get("serial")
     if s:
-        print(f"\nserial reference, 1 robot, {s['torch_threads'] or 'default'} torch thread(s): p50 {_fmt(s['p50_ms'])} ms, "
-              f"infer_ms p50 {_fmt(s['infer_p50_ms'])}, added p50 {_fmt(s['added_p50_ms'])} ms")
+        print(f"\nserial reference, 1 robot, {s['torch_threads'] or 'default'} torch thread(s): p50 {fmt(s['p50_ms'], 2)} ms, "
+              f"infer_ms p50 {fmt(s['infer_p50_ms'], 2)}, added p50 {fmt(s['added_p50_ms'], 2)} ms")
         one = next((p for p in points if p["robots"] == 1), None)
         if one and one["total_p50_ms"] is not None and s["p50_ms"] is not None:
             print(f"served p50 - serial p50 at 1 robot: {one['total_p50_ms'] - s['p50_ms']:+.2f} ms "
-                  f"(added around the forward pass: served {_fmt(one['added_p50_ms'])}, serial {_fmt(s['added_p50_ms'])})")
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+                  f"(added around the forward pass: served {fmt(one['added_p50_ms'], 2)}, serial {fmt(s['added_p50_ms'], 2)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,37 +181,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = next(x["port"] for x in app["args"]["ingress"]["ports"] if x["embodiment"] == "gr1")
     target = f"127.0.0.1:{port}"
     status_url = f"http://127.0.0.1:{config['http_options']['port']}{app['route_prefix']}"
-    result: dict[str, Any] = {"command": "python -m bench.hops " + " ".join(argv or []), "preset": a.preset,
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info("cpu"),
-                              "points": []}
+    result: dict[str, Any] = {**results_header("bench.hops", argv, "cpu"), "preset": a.preset, "points": []}
     runner = ServeRun(config, RESULTS / f"hops-config-{stamp}.yaml", RESULTS / f"hops-serve-{stamp}.log")
     try:
         runner.wait_ready(target)
         t = parse_target(target)
         emb = embodiment_of(fetch_info(t, timeout_ms=60_000), t)
-        request = unpackb(build_payloads(t, emb, 1, None, 1, seed=0)[0])
-        request["data"]["options"] = {"trace": True}
-        payload = packb(request)
+        payload = build_payloads(t, emb, 1, None, 1, seed=0, options={"trace": True})[0]
         for n in robots:
             settled = settle_replicas(plan, [target], n, app["name"])
-            before = (status(status_url) or {}).get("reply_hops")
+            before = (status_page(status_url) or {}).get("reply_hops")
             traces, errors = drive(f"tcp://{target}", payload, n, a.warmup, a.duration)
-            hops = (status(status_url) or {}).get("reply_hops")
+            hops = (status_page(status_url) or {}).get("reply_hops")
             point = {"robots": n, "settle": settled, "errors": errors[:20], "error_count": len(errors),
-                     "loadavg_1m": round(__import__("os").getloadavg()[0], 2), "reply_hops_before": before,
+                     "loadavg_1m": round(os.getloadavg()[0], 2), "reply_hops_before": before,
                      **breakdown(traces, hops)}
-            log(f"  {n} robot(s): {point['replies']} traced replies, total p50 {_fmt(point['total_p50_ms'])} ms, "
-                f"added p50 {_fmt(point['added_p50_ms'])} ms, errors {len(errors)}")
+            log(f"  {n} robot(s): {point['replies']} traced replies, total p50 {fmt(point['total_p50_ms'], 2)} ms, "
+                f"added p50 {fmt(point['added_p50_ms'], 2)} ms, errors {len(errors)}")
             result["points"].append(point)
     finally:
         runner.stop()
     if not a.no_serial:
-        result["serial"] = serial_p50(checkpoint, packb({**request, "data": {**request["data"], "options": None}}),
-                                      a.warmup, a.duration, a.serial_threads)
+        # the same observation (seed 0) without the trace option: the serial server knows no options
+        plain = build_payloads(t, emb, 1, None, 1, seed=0)[0]
+        result["serial"] = serial_p50(checkpoint, plain, a.warmup, a.duration, a.serial_threads)
     print_table(result)
-    out = RESULTS / f"hops-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
-    (RESULTS / "hops-latest.json").write_text(out.read_text())
+    out = write_results("hops", stamp, result)
     print(f"\nwrote {out}")
     return 0
 

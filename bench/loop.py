@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bench.stats import median, percentile
+
 MODES = ("sync", "async", "rtc")
 
 
@@ -63,10 +65,6 @@ def smoothness(executed: list[dict[str, np.ndarray]], switches: Sequence[int]) -
     jerks = [float(np.mean([third[t - 3] for t in range(s, s + 3) if 3 <= t < len(a)])) / quiet
              for s in sorted(boundary) if s + 2 < len(a) and s >= 3] if quiet > 0 else []
     return {"jump": jumps, "jerk": jerks}
-
-
-def _median(xs: Sequence[float]) -> float | None:
-    return round(float(np.median(xs)), 3) if len(xs) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,9 +129,9 @@ def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, r
         "mode": mode, "robots": robots, "hz": hz, "duration_s": duration_s,
         "idle_ticks_per_robot_s": round(float(np.mean(idle)), 3),
         "robots_idle": int(sum(1 for x in idle if x > 0)),
-        "jump_over_p95_step": _median(jumps), "jump_p90": round(float(np.percentile(jumps, 90)), 3) if jumps else None,
-        "jerk_near_switch_over_elsewhere": _median(jerks),
-        "staleness_ms_p50": _median(staleness), "round_trip_ms_p50": _median(rt),
+        "jump_over_p95_step": median(jumps), "jump_p90": percentile(jumps, 90),
+        "jerk_near_switch_over_elsewhere": median(jerks),
+        "staleness_ms_p50": median(staleness), "round_trip_ms_p50": median(rt),
         "chunks": int(sum(ex.stats.chunks for ex in executors)),
     }
 

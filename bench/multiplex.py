@@ -27,19 +27,21 @@ Either way the JSON and the table say why, and the other layout's figures stand.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import zmq.asyncio
 
-from bench.harness import CACHE, RESULTS, ServeRun, free_port, log, machine_info, replica_processes
+from bench.harness import CACHE, RESULTS, ServeRun, free_port, log, replica_processes, results_header, status_page, write_results
+from bench.robots import ACTION, Outcome, Request, Robot, Target, build_payloads, fetch_info, run_robots
+from bench.stats import percentile
 
 POLICY = "gr1"
 # Logical Ray CPUs kept for the ingresses (one per app); the rest is divided among the policy replicas.
@@ -113,66 +115,51 @@ def zipf(count: int, s: float) -> np.ndarray:
 
 def drive(routes: list[tuple[int, str]], args, duration_s: float, seed: int) -> dict[str, Any]:
     """`args.robots` robots, each sending get_action for a Zipf-chosen fine-tune, one at a time, for duration_s."""
-    from clients import PolicyClient
-    from clients.observations import random_observation
-
-    with PolicyClient("127.0.0.1", routes[0][0], timeout_ms=120_000) as c:
-        embodiment = c.info()["embodiments"][POLICY]
+    embodiment = fetch_info(f"127.0.0.1:{routes[0][0]}", timeout_ms=120_000)["embodiments"][POLICY]
     weights = zipf(len(routes), args.zipf)
+    payloads = [build_payloads(Target("127.0.0.1", port), embodiment, 1, None, 2, seed * 1000 + rank, model_id=model)
+                for rank, (port, model) in enumerate(routes)]
+    rngs = [np.random.default_rng(seed * 1000 + i) for i in range(args.robots)]
     latencies: list[float] = []
     errors: list[str] = []
     per_rank = np.zeros(len(routes), dtype=int)
-    lock = threading.Lock()
-    stop_at = time.monotonic() + duration_s
 
-    def robot(i: int) -> None:
-        rng = np.random.default_rng(seed * 1000 + i)
-        obs = random_observation(embodiment, 1, rng=rng)
-        clients: dict[tuple[int, str], PolicyClient] = {}
+    def next_request(robot: Robot) -> Request:
+        rank = int(rngs[robot.index].choice(len(routes), p=weights))
+        port, _model = routes[rank]
+        return Request(f"tcp://127.0.0.1:{port}", payloads[rank][robot.sent % 2], 120.0, rank)
+
+    def count(outcome: Outcome) -> None:
+        if outcome.status != ACTION:
+            port, model = routes[outcome.request.label]
+            errors.append(f"{model}@{port}: {outcome.label} {outcome.message or ''}"[:200])
+            return
+        latencies.append(outcome.latency_ms)
+        per_rank[outcome.request.label] += 1
+
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
         try:
-            while time.monotonic() < stop_at:
-                rank = int(rng.choice(len(routes), p=weights))
-                port, model = routes[rank]
-                client = clients.get((port, model))
-                if client is None:
-                    client = clients[(port, model)] = PolicyClient("127.0.0.1", port, timeout_ms=120_000, model_id=model)
-                t0 = time.perf_counter()
-                try:
-                    client.get_action(obs)
-                except Exception as exc:  # counted and reported, the run goes on
-                    with lock:
-                        errors.append(f"{model}@{port}: {exc}"[:200])
-                    continue
-                with lock:
-                    latencies.append((time.perf_counter() - t0) * 1000.0)
-                    per_rank[rank] += 1
+            crew = [Robot(i, ctx, next_request, count) for i in range(args.robots)]
+            await run_robots(crew, time.perf_counter() + duration_s, drain_s=180.0)
         finally:
-            for c in clients.values():
-                c.close()
+            ctx.destroy(linger=0)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=robot, args=(i,), daemon=True) for i in range(args.robots)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration_s + 180)
+    asyncio.run(run())
     wall = time.perf_counter() - t0
-    lat = np.array(latencies) if latencies else np.array([np.nan])
     return {
         "answers": len(latencies), "errors": len(errors), "error_samples": errors[:5], "wall_s": round(wall, 2),
         "throughput_rps": round(len(latencies) / wall, 2),
-        "p50_ms": round(float(np.nanpercentile(lat, 50)), 2), "p99_ms": round(float(np.nanpercentile(lat, 99)), 2),
+        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
         "answers_by_rank": per_rank.tolist(),
     }
 
 
 def status_pages(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every app's status page ({} for one that could not be read: its cold-load figures are then missing)."""
     port = config["http_options"]["port"]
-    out = []
-    for app in config["applications"]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{app['route_prefix']}", timeout=30) as r:
-            out.append(json.loads(r.read()))
-    return out
+    return [status_page(f"http://127.0.0.1:{port}{app['route_prefix']}") or {} for app in config["applications"]]
 
 
 def rss_mb(pids: Sequence[int]) -> float:
@@ -363,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     paths = fine_tunes(args.preset, args.fine_tunes)
     layouts = {"pooled": pooled_config, "dedicated": dedicated_config}
-    results: dict[str, Any] = {"machine": machine_info(args.device), "settings": vars(args),
+    results: dict[str, Any] = {**results_header("bench.multiplex", argv, args.device), "settings": vars(args),
                                "zipf_weights": [round(w, 4) for w in zipf(args.fine_tunes, args.zipf)], "layouts": {}}
     log(f"{args.fine_tunes} {args.preset} fine-tunes of {POLICY}, {args.robots} robots, Zipf s={args.zipf}, "
         f"{args.cores} cores, {args.device}")
@@ -388,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "ingress_rss_mb_each" in result:
             worker_mb = max(worker_mb, result["ingress_rss_mb_each"] - memory["process_mb"])
     print_table(results["layouts"])
-    out = RESULTS / f"multiplex-{stamp}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results("multiplex", stamp, results)
     log(f"wrote {out}")
     return 0
 

@@ -23,33 +23,22 @@ targets, and writes bench/results/bench-<timestamp>.json (+ latest.json) and plo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.harness import (  # noqa: F401 - ROOT, CACHE, SERVE_CONFIG: part of this module's interface too
-    APP_PREFIX,
-    CACHE,
-    RESULTS,
-    ROOT,
-    SERVE_CONFIG,
-    ServeRun,
-    bench_serve_config,
-    ensure_checkpoint,
-    free_port,
-    log,
-    machine_info,
-    replica_pids,
-    replica_processes,
-    settle_replicas,
-)
+from bench.fleet import FleetReport, run_fleet_sync
+from bench.harness import (RESULTS, ROOT, SERVE_CONFIG, ServeRun, bench_serve_config, ensure_checkpoint, log,
+                           replica_pids, results_header, settle_replicas, write_results)
+from bench.limit import interpolate, run_subprocess
+from bench.profiling import CpuShare, start_profile, summarize_profile
+from bench.report import Progress, fmt, plot_report, plot_sweep
+from bench.serial_server import SerialServerProcess
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,8 +97,6 @@ def point_times(plan: Plan, robots: int, limit_rows: list[dict] | None) -> tuple
     answer every robot about once in warmup and twice in the window; capped."""
     warmup, window = plan.warmup_s, plan.duration_s
     if limit_rows:
-        from bench.limit import interpolate
-
         per_sample_s = 1.0 / max(1e-9, interpolate(limit_rows, 1) or 1e9)
         round_s = robots * per_sample_s  # one answer per robot, one at a time
         warmup = max(warmup, min(plan.max_warmup_s, 1.0 * round_s))
@@ -134,170 +121,6 @@ def max_replicas(deployment: dict[str, Any]) -> int:
     return int(deployment.get("num_replicas", 1))
 
 
-class CpuShare:
-    """CPU seconds used by this benchmark's process tree (by role) vs everything else on the machine, over a point.
-
-    This box is shared: `foreign_cores` says how many cores other processes took on average meanwhile
-    (0 = a clean measurement; 1 = half of a 2-core machine was busy with something else). `by_role` splits
-    ours: the fleet client (this process), the serial server, each Serve replica, Ray's own processes.
-    """
-
-    def __init__(self) -> None:
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._names: dict[int, str] = {}
-        self._start = self._snapshot()
-
-    def _role(self, pid: int) -> str:
-        if pid not in self._names:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                cmd = ""
-            if pid == os.getpid():
-                role = "fleet client (bench process)"
-            elif "ServeReplica:" in cmd:
-                role = "replica " + cmd.split("ServeReplica:", 1)[1].split()[0].split(".")[0].split(":")[-1]
-            elif "bench.serial_server" in cmd:
-                role = "serial server"
-            elif "py-spy" in cmd:
-                role = "py-spy (profiler)"
-            elif "bench.limit" in cmd:
-                role = "limit"
-            else:
-                role = "Ray system (raylet, gcs, controller, workers)"
-            self._names[pid] = role
-        return self._names[pid]
-
-    def _snapshot(self) -> tuple[float, float, dict[str, float]]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal (guest time is already inside user and nice)
-        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-        stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, cpu ticks)
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # utime + stime + cutime + cstime: a reaped child's time lives on in its parent's c-times
-            stats[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
-        ours, frontier = set(), {os.getpid()}
-        while frontier:
-            ours |= frontier
-            frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier and pid not in ours}
-        roles: dict[str, float] = {}
-        for pid in ours:
-            if pid in stats:
-                role = self._role(pid)
-                roles[role] = roles.get(role, 0.0) + stats[pid][1] / self._tick
-        return time.monotonic(), busy / self._tick, roles
-
-    def result(self) -> dict[str, Any]:
-        t1, busy1, roles1 = self._snapshot()
-        t0, busy0, roles0 = self._start
-        wall = max(1e-9, t1 - t0)
-        by_role = {r: max(0.0, roles1.get(r, 0.0) - roles0.get(r, 0.0)) / wall for r in roles1}
-        mine = sum(by_role.values())
-        return {"ours_cores": round(mine, 2), "foreign_cores": round(max(0.0, (busy1 - busy0) / wall - mine), 2),
-                "by_role": {r: round(v, 2) for r, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v >= 0.005}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# profiling (py-spy)
-
-
-def _py_spy() -> str | None:
-    local = Path(sys.executable).parent / "py-spy"
-    return str(local) if local.exists() else shutil.which("py-spy")
-
-
-def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
-    exe = _py_spy()
-    if exe is None:
-        log("  (py-spy not found: no profile)")
-        return None
-    cmd = [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "50", "-f", "raw", "-o", str(out),
-           "--nonblocking"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-# Where a sample's time goes: the category of the innermost frame of its stack that matches one.
-PROFILE_CATEGORIES = [
-    ("model forward (torch)", ("policy/modeling.py", "FleetGr00tModel")),
-    ("tokenizer", ("Processor.tokenize", "transformers/tokenization")),
-    ("policy preprocessing (images, states)", ("policy/processor.py",)),
-    ("policy validation and decoding", ("policy/",)),
-    ("wire codec (clients/codec.py, msgpack)", ("clients/codec.py", "msgpack")),
-    ("fleetserve ingress / batcher / replica code", ("serving/", "bench/serial_server.py")),
-    ("ZMQ sockets", ("zmq/",)),
-    ("Ray object serialization (pickle)", ("ray/_private/serialization", "cloudpickle", "pickle")),
-    ("Ray Serve / Ray core (Python side)", ("ray/",)),
-    ("asyncio event loop", ("asyncio/",)),
-]
-# Stacks whose innermost frame is one of these are threads parked in C (Ray's core threads, event loops in
-# select(), idle executor workers): py-spy does not always recognise them as idle.
-PARKED = ("Thread.run", "Worker.main_loop", "_run_user_code_event_loop", "_run_router_event_loop", "<module>")
-PARKED_FRAMES = ("_worker (concurrent/futures/thread.py:81)",)
-
-
-def _parked(frames: list[str]) -> bool:
-    if not frames:
-        return True
-    name = frames[-1].split(" (")[0]
-    return name.split(".")[-1] in {p.split(".")[-1] for p in PARKED} or frames[-1].startswith(PARKED_FRAMES)
-
-
-def _category(frames: list[str]) -> str:
-    """The category of the innermost frame that has one (torch's own frames are attributed to their caller)."""
-    for frame in reversed(frames):
-        for name, needles in PROFILE_CATEGORIES:
-            if any(needle in frame for needle in needles):
-                return name
-    return "other"
-
-
-def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Share of samples per category, self time by leaf frame, inclusive time, from py-spy's collapsed stacks."""
-    if not path.exists():
-        return {"error": "no profile written"}
-    leaf: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    categories: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        frames = [f for f in stack.split(";") if f.strip()]
-        if _parked(frames):
-            categories["threads parked in C (not CPU work)"] += n
-            continue
-        leaf[_short(frames[-1])] += n
-        for f in set(_short(f) for f in frames):
-            inclusive[f] += n
-        categories[_category(frames)] += n
-    busy = max(1, total - categories["threads parked in C (not CPU work)"])
-
-    def pct(c: Counter, of: int) -> list[tuple[str, float]]:
-        return [(k, round(100.0 * v / of, 1)) for k, v in c.most_common(top)]
-
-    return {"samples": total, "busy_samples": busy, "categories_pct_of_all": pct(categories, max(1, total)),
-            "self_pct_of_busy": pct(leaf, busy), "inclusive_pct_of_busy": pct(inclusive, busy)}
-
-
-def _short(frame: str) -> str:
-    # py-spy raw frames: "function (path/to/file.py:line)"
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    file = where.rsplit("/", 1)[-1].split(":")[0] if where else ""
-    return f"{name} ({file})" if file else name
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the three measurements
 
@@ -306,8 +129,6 @@ def measure_limit(plan: Plan, checkpoint: Path, processes: Sequence[int] = (1,))
     """The limit with one process, and with P processes side by side for each P > 1 in `processes` (what P
     replicas of `torch_threads` threads each could do on this machine without any serving): samples/s summed."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from bench.limit import run_subprocess
 
     result: dict[str, Any] = {}
     for p in sorted(set(processes)):
@@ -333,13 +154,11 @@ def measure_limit(plan: Plan, checkpoint: Path, processes: Sequence[int] = (1,))
 def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[dict] | None,
           profile_pids: dict[str, int] | None = None, results_dir: Path | None = None, stamp: str = "",
           settle_app: str | None = None) -> list[dict]:
-    from bench.fleet import _Progress, run_fleet_sync
-
     out = []
     for n in plan.robots_by_preset.get(preset, plan.robots):
         warmup, window = point_times(plan, n, limit_rows)
         settled = settle_replicas(plan, targets, n, settle_app) if settle_app else None
-        progress = _Progress(prefix=f"    [{label} {n} robots] ")
+        progress = Progress(prefix=f"    [{label} {n} robots] ")
         profiles: dict[str, tuple[subprocess.Popen, Path]] = {}
         if profile_pids and (preset, n) in plan.profile and results_dir is not None:
             for name, pid in profile_pids.items():
@@ -362,8 +181,8 @@ def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[d
         if settled is not None:
             doc["settle"] = settled
         lat = report.latency_ms
-        log(f"    {label:>6} {n:3d} robots: {report.samples_per_s:8.2f} samples/s  p50 {_f(lat['p50'])} "
-            f"p99 {_f(lat['p99'])} ms  batch {_f(report.mean_batch_size, 2)}  errors {report.errors}"
+        log(f"    {label:>6} {n:3d} robots: {report.samples_per_s:8.2f} samples/s  p50 {fmt(lat['p50'])} "
+            f"p99 {fmt(lat['p99'])} ms  batch {fmt(report.mean_batch_size, 2)}  errors {report.errors}"
             + (f"  replicas {len(report.replicas)}" if report.replicas else "") +
             f"  (window {report.window_s:.0f}s; cores used: ours {cpu['ours_cores']:.2f}, others {cpu['foreign_cores']:.2f})")
         log("      cores by role: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["by_role"].items()))
@@ -385,8 +204,6 @@ def sweep(plan: Plan, label: str, preset: str, targets: list, limit_rows: list[d
 
 def measure_serial(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, stamp: str,
                    torch_threads: int | None) -> list[dict]:
-    from bench.serial_server import SerialServerProcess
-
     log(f"  serial (reference): bench/serial_server.py, one REP socket, torch threads {torch_threads or 'default'}")
     log_path = results_dir / f"serial-{stamp}-{torch_threads or 'default'}.log"
     with SerialServerProcess(str(checkpoint), plan.embodiment, device=plan.device, torch_threads=torch_threads,
@@ -433,13 +250,7 @@ def measure_served(plan: Plan, checkpoint: Path, limit_rows, results_dir: Path, 
 # analysis
 
 
-def _f(v: Any, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def analyse(preset_result: dict[str, Any]) -> list[dict[str, Any]]:
-    from bench.limit import interpolate
-
     rows = []
     serial = {r["robots"]: r for r in preset_result.get("serial", [])}
     serial_all = {r["robots"]: r for r in preset_result.get("serial_all_cores", [])}
@@ -532,12 +343,12 @@ def print_tables(results: dict[str, Any]) -> None:
             f"{'batch':>6} {'reps':>4} | {'srv/ser':>7} {'ser@' + str(all_cores or '-'):>7} {'srv/best':>8} {'limit@b':>8} "
             f"{'srv/lim':>7} {'dp50 ms':>8} {'d-ovh ms':>8} | {'others ser/srv':>14}")
         for r in pr.get("table", []):
-            log(f"{r['robots']:>6} | {_f(r.get('serial_sps'), 2):>15} {_f(r.get('serial_p50')):>8} {_f(r.get('serial_p99')):>8} | "
-                f"{_f(r.get('served_sps'), 2):>10} {_f(r.get('served_p50')):>8} {_f(r.get('served_p99')):>8} "
-                f"{_f(r.get('served_batch'), 2):>6} {r.get('served_replicas') or '-':>4} | {_f(r.get('served_vs_serial'), 2):>7} "
-                f"{_f(r.get('serial_all_sps'), 2):>7} {_f(r.get('served_vs_best_serial'), 2):>8} {_f(r.get('limit_at_batch'), 2):>8} "
-                f"{_f(r.get('served_vs_limit'), 2):>7} {_f(r.get('p50_delta_ms'), 1):>8} {_f(r.get('overhead_delta_ms'), 1):>8} | "
-                f"{_f(r.get('serial_foreign_cores'), 2):>6} /{_f(r.get('served_foreign_cores'), 2):>6}")
+            log(f"{r['robots']:>6} | {fmt(r.get('serial_sps'), 2):>15} {fmt(r.get('serial_p50')):>8} {fmt(r.get('serial_p99')):>8} | "
+                f"{fmt(r.get('served_sps'), 2):>10} {fmt(r.get('served_p50')):>8} {fmt(r.get('served_p99')):>8} "
+                f"{fmt(r.get('served_batch'), 2):>6} {r.get('served_replicas') or '-':>4} | {fmt(r.get('served_vs_serial'), 2):>7} "
+                f"{fmt(r.get('serial_all_sps'), 2):>7} {fmt(r.get('served_vs_best_serial'), 2):>8} {fmt(r.get('limit_at_batch'), 2):>8} "
+                f"{fmt(r.get('served_vs_limit'), 2):>7} {fmt(r.get('p50_delta_ms'), 1):>8} {fmt(r.get('overhead_delta_ms'), 1):>8} | "
+                f"{fmt(r.get('serial_foreign_cores'), 2):>6} /{fmt(r.get('served_foreign_cores'), 2):>6}")
         log(f"  (serial(ref): at the replicas' torch threads; ser@N: the serial server with N threads (all cores); "
             "srv/best: served / the faster of the two; reps: replicas that answered; limit@b: the limit of that many "
             "processes side by side at the mean batch reached; dp50: served p50 - serial p50; d-ovh: the same for "
@@ -550,8 +361,6 @@ def print_tables(results: dict[str, Any]) -> None:
 
 
 def make_plots(results: dict[str, Any], stamp: str) -> list[str]:
-    from bench.fleet import FleetReport, plot_report, plot_sweep
-
     def as_report(doc: dict) -> FleetReport:
         fields = {k: v for k, v in doc.items() if k in FleetReport.__dataclass_fields__}
         return FleetReport(**fields)
@@ -660,10 +469,6 @@ def build_plan(argv: Sequence[str] | None) -> Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--slo" in argv:  # the SLO mode: robots at a control rate with deadlines (bench/slo.py)
-        from bench.slo import main as slo_main
-
-        return slo_main([a for a in argv if a != "--slo"])
     plan = build_plan(argv)
     if plan.gpu:
         import torch
@@ -673,14 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
                   "Run the CPU benchmark instead: python -m bench.run", file=sys.stderr)
             return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)  # the servers' logs go there before the results do
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
-    command = "python -m bench.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     results: dict[str, Any] = {
-        "command": command.strip(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(plan.device),
+        **results_header("bench.run", argv, plan.device),
         "plan": {k: (sorted(v) if isinstance(v, set) else v) for k, v in plan.__dict__.items()},
         "presets": {},
     }
@@ -715,10 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["plots"] = make_plots(results, stamp)
     except Exception as exc:  # noqa: BLE001 - the figures matter more than the pictures
         log(f"plots failed: {exc}")
-    path = RESULTS / f"bench-{stamp}.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    shutil.copyfile(path, RESULTS / "latest.json")
-    log(f"\nwrote {path.relative_to(ROOT)} (and bench/results/latest.json); plots: {', '.join(results.get('plots', []))}")
+    path = write_results("bench", stamp, results)
+    log(f"\nwrote {path.relative_to(ROOT)} (and bench/results/bench-latest.json); plots: {', '.join(results.get('plots', []))}")
     log(f"elapsed {results['elapsed_s'] / 60:.1f} min")
     return 0
 

@@ -19,28 +19,28 @@ slo-<stamp>-<preset>.png (attainment and goodput against robots).
 
     python -m bench.slo                  # the measurement (small preset; ~25 min on a 2-core machine)
     python -m bench.slo --quick          # smoke run: tiny preset, levels 1x and 4x, short windows
-    python -m bench.run --slo ...        # the same, from the entry point `make bench` runs
+    python -m bench.slo --robots 64      # one fleet of 64 robots instead of the levels' fleets
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import random
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-import zmq
+import numpy as np
 import zmq.asyncio
 
-from bench.harness import RESULTS, ServeRun, bench_serve_config, ensure_checkpoint, log, machine_info
-from bench.fleet import build_payloads, embodiment_of, fetch_info, parse_target
-from clients.codec import packb, unpackb
+from bench.harness import (RESULTS, bench_serve_config, ensure_checkpoint, log, results_header, start_app,
+                           status_page, write_results)
+from bench.report import pyplot
+from bench.robots import ACTION, Outcome, Request, Robot, build_payloads, embodiment_of, fetch_info, parse_target, run_robots
+from bench.serial_server import SerialServerProcess
+from bench.stats import median, percentile
 from clients.protocol import Refusal
 
 # Per preset: control rate and the two deadline classes. small's forward pass is ~0.25 s alone and ~2.7 s at
@@ -69,93 +69,53 @@ class ClassStats:
     infer_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
 
+    def record(self, outcome: Outcome, deadline_s: float) -> None:
+        """Judge one request against its deadline: on time, late, refused, expired, or unanswered."""
+        self.sent += 1
+        if outcome.status == "timeout":  # waited deadline + grace: the robot gave up on it
+            self.no_answer += 1
+            self.worst_past_deadline_s = max(self.worst_past_deadline_s, outcome.request.timeout_s - deadline_s)
+            return
+        past = outcome.done_at - outcome.sent_at - deadline_s
+        self.worst_past_deadline_s = max(self.worst_past_deadline_s, past)
+        if outcome.status != ACTION:
+            if outcome.reason == Refusal.REFUSED_EARLY.value:
+                self.refused += 1
+            elif outcome.reason in EXPIRED:
+                self.expired += 1
+            else:
+                self.other_errors += 1
+        elif past <= 0:
+            self.on_time += 1
+            self.latencies_ms.append(outcome.latency_ms)
+            server = outcome.server
+            if server:
+                self.batch_sizes.append(server.get("batch_size", 0))
+                self.infer_ms.append(server.get("infer_ms", 0.0))
+                self.queue_ms.append(server.get("queue_ms", 0.0))
+        else:
+            self.late += 1
+
     def summary(self, window_s: float) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
         return {
             "sent": self.sent, "on_time": self.on_time, "late": self.late, "refused": self.refused,
             "expired": self.expired, "other_errors": self.other_errors, "no_answer": self.no_answer,
             "attainment": self.on_time / self.sent if self.sent else None,
             "goodput": self.on_time / window_s,
             "worst_past_deadline_s": round(self.worst_past_deadline_s, 3),
-            "p50_ms": lat[len(lat) // 2] if lat else None,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-            "median_batch_size": _median(self.batch_sizes),
-            "median_infer_ms": _median(self.infer_ms),
-            "median_queue_ms": _median(self.queue_ms),
+            "p50_ms": percentile(self.latencies_ms, 50),
+            "p99_ms": percentile(self.latencies_ms, 99),
+            "median_batch_size": median(self.batch_sizes),
+            "median_infer_ms": median(self.infer_ms),
+            "median_queue_ms": median(self.queue_ms),
         }
-
-
-def _median(xs: list) -> float | None:
-    return sorted(xs)[len(xs) // 2] if xs else None
-
-
-async def _robot(ctx, address: str, payload: bytes, hz: float | None, deadline_ms: float, window: tuple[float, float],
-                 stats: ClassStats, answer_grace_s: float) -> None:
-    """One robot: tick at `hz` (None: as fast as answered), one request outstanding, judged against its deadline."""
-    start, stop = window
-    period = 1.0 / hz if hz else 0.0
-    sock = None
-    next_at = time.time() + random.uniform(0, period)  # robots are not in phase
-    try:
-        while True:
-            now = time.time()
-            if next_at > now:
-                await asyncio.sleep(next_at - now)
-            if time.time() >= stop:
-                return
-            if sock is None:
-                sock = ctx.socket(zmq.REQ)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(address)
-            sent = time.time()
-            counted = sent >= start
-            await sock.send(payload)
-            wait_s = deadline_ms / 1000.0 + answer_grace_s
-            if await sock.poll(wait_s * 1000.0, zmq.POLLIN):
-                body = await sock.recv()
-                got = time.time()
-                reply = unpackb(body)
-                if counted:
-                    stats.sent += 1
-                    past = got - sent - deadline_ms / 1000.0
-                    stats.worst_past_deadline_s = max(stats.worst_past_deadline_s, past)
-                    if isinstance(reply, dict) and "error" in reply:
-                        reason = reply.get("reason")  # the message is for people; the reason is what to count
-                        if reason == Refusal.REFUSED_EARLY.value:
-                            stats.refused += 1
-                        elif reason in EXPIRED:
-                            stats.expired += 1
-                        else:
-                            stats.other_errors += 1
-                    elif past <= 0:
-                        stats.on_time += 1
-                        stats.latencies_ms.append((got - sent) * 1000.0)
-                        server = reply[1].get("server") if isinstance(reply, list) and len(reply) > 1 and \
-                            isinstance(reply[1], dict) else None
-                        if isinstance(server, dict):
-                            stats.batch_sizes.append(server.get("batch_size", 0))
-                            stats.infer_ms.append(server.get("infer_ms", 0.0))
-                            stats.queue_ms.append(server.get("queue_ms", 0.0))
-                    else:
-                        stats.late += 1
-            else:
-                if counted:
-                    stats.sent += 1
-                    stats.no_answer += 1
-                    stats.worst_past_deadline_s = max(stats.worst_past_deadline_s, wait_s - deadline_ms / 1000.0)
-                sock.close(0)  # a REQ socket is stuck after a lost reply: a fresh one
-                sock = None
-            next_at = max(next_at + period, time.time()) if period else time.time()
-    finally:
-        if sock is not None:
-            sock.close(0)
 
 
 async def _drive(address: str, payloads: dict[str, bytes], robots: int, hz: float | None, deadlines: dict[str, float],
                  warmup_s: float, window_s: float, answer_grace_s: float, tight_share: float) -> dict[str, ClassStats]:
+    """Robots tick at `hz` (None: as fast as answered), one request outstanding each; a request waits at most its
+    deadline + `answer_grace_s`; those sent inside the window are judged, per class."""
     ctx = zmq.asyncio.Context()
-    start = time.time() + warmup_s
-    window = (start, start + window_s)
     stats = {cls: ClassStats() for cls in deadlines}
     every = max(1, round(1.0 / tight_share)) if tight_share > 0 else 0
 
@@ -164,11 +124,21 @@ async def _drive(address: str, payloads: dict[str, bytes], robots: int, hz: floa
             return next(iter(deadlines))
         return "tight" if every and i % every == 0 else "loose"
 
+    def next_request(robot: Robot) -> Request:
+        cls = cls_of(robot.index)
+        return Request(address, payloads[cls], deadlines[cls] / 1000.0 + answer_grace_s, cls)
+
+    start = time.perf_counter() + warmup_s
+
+    def judge(outcome: Outcome) -> None:
+        if outcome.sent_at >= start:
+            cls = outcome.request.label
+            stats[cls].record(outcome, deadlines[cls] / 1000.0)
+
+    phases = np.random.default_rng(robots).random(robots)
+    crew = [Robot(i, ctx, next_request, judge, rate_hz=hz, phase=float(phases[i])) for i in range(robots)]
     try:
-        await asyncio.gather(*(
-            _robot(ctx, address, payloads[cls_of(i)], hz, deadlines[cls_of(i)], window, stats[cls_of(i)], answer_grace_s)
-            for i in range(robots)
-        ))
+        await run_robots(crew, start + window_s, drain_s=max(deadlines.values()) / 1000.0 + answer_grace_s)
     finally:
         ctx.destroy(linger=0)
     return stats
@@ -192,29 +162,12 @@ def drive(address: str, payloads: dict[str, bytes], robots: int, hz: float | Non
 
 
 def _payloads(target: str, deadlines: dict[str, float], send_deadline: bool, image_size) -> dict[str, bytes]:
+    """One encoded observation per deadline class (the serial server knows no deadlines: none is sent to it)."""
     t = parse_target(target)
-    info = fetch_info(t, timeout_ms=60_000)
-    emb = embodiment_of(info, t)
-    base = unpackb(build_payloads(t, emb, 1, image_size, 1, seed=0)[0])
-    out = {}
-    for cls, ms in deadlines.items():
-        req = dict(base)
-        req["data"] = dict(base["data"])
-        req["data"]["options"] = {"deadline_ms": ms} if send_deadline else None
-        out[cls] = packb(req)
-    return out
-
-
-def status_page(url: str | None) -> dict[str, Any] | None:
-    """The ingress's HTTP status page (its batchers' forward-time model, counts), None if it cannot be read."""
-    if url is None:
-        return None
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read()).get("embodiments")
-    except (OSError, ValueError) as exc:
-        log(f"  status page {url} unreadable: {exc}")
-        return None
+    emb = embodiment_of(fetch_info(t, timeout_ms=60_000), t)
+    return {cls: build_payloads(t, emb, 1, image_size, 1, seed=0,
+                                options={"deadline_ms": ms} if send_deadline else None)[0]
+            for cls, ms in deadlines.items()}
 
 
 def run_server(label: str, target: str, args, deadlines: dict[str, float], robot_counts: list[int] | None,
@@ -233,7 +186,7 @@ def run_server(label: str, target: str, args, deadlines: dict[str, float], robot
     for n in robot_counts:
         p = drive(address, payloads, n, args.hz, deadlines, args.warmup, args.duration, tight_share=args.tight_share)
         p["offered_samples_per_s"] = n * args.hz
-        p["server_status"] = status_page(status_url)
+        p["server_status"] = (status_page(status_url) or {}).get("embodiments") if status_url else None
         a = p["all"]
         log(f"  {label} {n:4d} robots ({n * args.hz / capacity:.1f}x): goodput {a['goodput']:.2f}/s, attainment "
             + ", ".join(f"{c} {s['attainment'] if s['attainment'] is None else round(s['attainment'], 3)}"
@@ -268,11 +221,8 @@ def check_targets(edf: dict[str, Any], capacity: float, hz: float) -> list[dict[
 
 def plot(results: dict[str, Any], path: Path) -> str | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except RuntimeError:  # no matplotlib: the figures are in the JSON and the table
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, server in results["servers"].items():
@@ -295,21 +245,6 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     return str(path)
 
 
-def start_app(config: dict[str, Any], port: int, config_path: Path, log_path: Path, attempts: int = 3) -> ServeRun:
-    """`serve run` of the app, ready to answer; retried: a busy machine can miss Ray's fixed 30 s node startup."""
-    for attempt in range(1, attempts + 1):
-        runner = ServeRun(config, config_path, log_path)
-        try:
-            runner.wait_ready(f"127.0.0.1:{port}")
-            return runner
-        except RuntimeError as exc:
-            runner.stop()
-            if attempt == attempts:
-                raise
-            log(f"  app did not start ({exc}); retrying ({attempt}/{attempts})")
-    raise AssertionError("unreachable")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.slo", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model size (default small; tiny with --quick)")
@@ -321,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the robots in the tight class (default 0.1: at 4x overload the tight robots alone "
                         "ask ~0.4x capacity, which the loose ones make room for; at 0.2 they would ask 0.8x or more, "
                         "at the short batches their deadline allows: more than any scheduler can keep at 95%%)")
+    p.add_argument("--robots", default=None, metavar="N[,M...]",
+                   help="fleet sizes to measure instead of those the --levels give (e.g. 64: 64 robots at --hz, "
+                        "whatever overload that is); the closed-loop capacity is still measured first")
     p.add_argument("--duration", type=float, default=None, help="measured window per point, s (default 30)")
     p.add_argument("--warmup", type=float, default=None, help="s before each window (default 8)")
     p.add_argument("--servers", default="edf,fifo,serial", help="which of edf, fifo, serial")
@@ -341,15 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     checkpoint = ensure_checkpoint(preset)
     image_size = None
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)  # the servers' logs go there before the results do
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log(f"SLO bench: {preset}, robots at {args.hz} Hz, deadlines {deadlines} ms, levels {args.levels}x capacity, "
         f"windows {args.duration:.0f} s, servers {servers}")
-    results: dict[str, Any] = {"preset": preset, "hz": args.hz, "deadlines_ms": deadlines, "levels": args.levels,
-                               "tight_share": args.tight_share,
-                               "machine": machine_info(args.device), "servers": {}, "command": "python -m bench.slo "
-                               + " ".join(argv or [])}
-    robot_counts = None
+    results: dict[str, Any] = {**results_header("bench.slo", argv, args.device), "preset": preset, "hz": args.hz,
+                               "deadlines_ms": deadlines, "levels": args.levels, "tight_share": args.tight_share,
+                               "servers": {}}
+    # --robots: the same fleets for every server; otherwise sized on the first server's capacity
+    robot_counts = [int(x) for x in args.robots.split(",")] if args.robots else None
     plan = SimpleNamespace(keep_deadline=True, timeout_ms=180_000, device=args.device, torch_threads=None, gpu=False,
                            embodiment="gr1", replicas=None)
     for label in servers:
@@ -369,8 +307,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 runner.stop()
         elif label == "serial":
-            from bench.serial_server import SerialServerProcess
-
             with SerialServerProcess(str(checkpoint), "gr1", device=args.device,
                                      log_path=str(RESULTS / f"slo-serial-{stamp}.log")) as server:
                 results["servers"][label] = run_server(label, f"127.0.0.1:{server.port}", args, deadlines, robot_counts,
@@ -379,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--servers: expected edf, fifo or serial, got {label!r}")
         if robot_counts is None:  # every server gets the same fleets, sized on the first one's capacity
             robot_counts = results["servers"][label]["robot_counts"]
-            results["capacity_samples_per_s"] = results["servers"][label]["capacity_samples_per_s"]
+        results.setdefault("capacity_samples_per_s", results["servers"][label]["capacity_samples_per_s"])
 
     print(f"\nSLO results ({preset}, {args.hz} Hz, tight {deadlines['tight']:.0f} ms / loose {deadlines['loose']:.0f} ms)")
     print(f"{'server':>7} {'robots':>6} {'offered':>8} {'goodput':>8} {'tight':>7} {'loose':>7} {'refused':>7} "
@@ -398,9 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nDone-when targets (edf):")
         for t in targets:
             print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['shown']}")
-    out = RESULTS / f"slo-{stamp}.json"
-    out.write_text(json.dumps(results, indent=1, default=str))
-    (RESULTS / "slo-latest.json").write_text(out.read_text())
+    out = write_results("slo", stamp, results)
     png = plot(results, RESULTS / f"slo-{stamp}-{preset}.png")
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return 0

@@ -3,9 +3,9 @@
     python -m bench.soak --target 127.0.0.1:5555 --target 127.0.0.1:5556 --robots 16 --duration 60 \\
         --hostile-rate 0.1 --kill-replicas-every 15 --app fleet --json soak.json
 
-N robots (one thread and one REQ socket each) send `get_action` for `--duration` seconds, closed loop, with
+N robots (bench/robots.py: one event loop, one REQ socket each) send `get_action` for `--duration` seconds, closed loop, with
 valid observations shaped from the server's `info` reply. A fraction `--hostile-rate` of the messages are
-hostile instead (from `bench.hostile`, the generator the fuzz test uses). With `--kill-replicas-every S`,
+hostile instead (from tests/support/hostile_corpus.py, the generator the fuzz test uses). With `--kill-replicas-every S`,
 every S seconds one policy replica of `--app` is killed with `ray.kill` (found among Ray's named actors,
 `SERVE_REPLICA::<app>#<deployment>#<id>` in namespace "serve"; the ingress is spared); Ray is imported only
 in that mode, and joined at `--ray-address` (default: the running local cluster).
@@ -22,6 +22,7 @@ What must hold (exit status 1 otherwise):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import threading
@@ -31,14 +32,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import zmq
+import zmq.asyncio
 
-from clients.client import PolicyClient, PolicyServerError
-from clients.codec import CodecError, unpackb
-from bench.fleet import Target, build_payloads, parse_target
-from bench.hostile import HostileGenerator
+from bench.robots import (ACTION, ERROR, TIMEOUT, Outcome, Request, Robot, Target, as_target, build_payloads,
+                          embodiment_of, fetch_info, run_robots)
+from bench.report import fmt
+from bench.stats import summarize
+from tests.support.hostile_corpus import HostileGenerator
 
-__all__ = ["SoakReport", "run_soak", "error_kind", "policy_replicas", "kill_one_replica", "main"]
+__all__ = ["SoakReport", "run_soak", "policy_replicas", "kill_one_replica", "main"]
 
 DEFAULT_TIMEOUT_MS = 20_000  # above the server's request_timeout_ms (12 s): a slow reply is an error, not lost
 MAX_ROBOTS = 512
@@ -46,25 +48,6 @@ PAYLOAD_POOL = 8
 MAX_EXAMPLES = 5
 MAX_LATENCIES = 1_000_000
 INGRESS_DEPLOYMENT = "ZmqIngress"
-
-
-def error_kind(reply: dict[str, Any]) -> str:
-    """The class of an error reply: its `kind`, or, from a server that sends none (upstream's), a guess from its
-    text: deadline, overloaded, unauthorized, policy, internal, bad_request."""
-    if isinstance(reply.get("kind"), str):
-        return reply["kind"]
-    low = str(reply["error"]).lower()
-    if "deadline exceeded" in low:
-        return "deadline"
-    if "overloaded" in low:
-        return "overloaded"
-    if low.startswith("unauthorized"):
-        return "unauthorized"
-    if low.startswith("internal error"):
-        return "internal"
-    if low.startswith("policy") or "policy error" in low:
-        return "policy"
-    return "bad_request"
 
 
 @dataclass
@@ -107,7 +90,6 @@ class SoakReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines = [
             f"soak: {self.robots} robots -> {', '.join(self.targets)} for {self.elapsed_s:.1f} s, hostile "
             f"{self.hostile_rate:.0%}, " + (f"a replica killed every {self.kill_every_s:g} s" if self.kill_every_s else "no kills"),
@@ -217,7 +199,9 @@ class _TargetPlan:
 
 
 @dataclass
-class _RobotStats:
+class _Tally:
+    """What the soak's robots saw, outcome by outcome (one event loop: no locks needed)."""
+
     sent_good: int = 0
     sent_hostile: int = 0
     answered: int = 0
@@ -238,140 +222,59 @@ class _RobotStats:
         if len(bucket) < MAX_EXAMPLES:
             bucket.append(text[:300])
 
+    def record(self, outcome: Outcome, plan: _TargetPlan, unauthorized_ok: bool) -> None:
+        """Judge one reply: a hostile message must get a fitting error; a good one an action of the right form."""
+        hostile = outcome.request.label
+        if hostile is not None:
+            self.sent_hostile += 1
+            self.hostile_by_category[hostile.category] += 1
+        else:
+            self.sent_good += 1
+        if outcome.status == TIMEOUT:
+            self.lost += 1
+            self.example("lost", f"{'hostile ' + hostile.category if hostile else 'good get_action'}: "
+                                 f"no reply within {outcome.request.timeout_s * 1000:.0f} ms")
+            return
+        if outcome.reply is None:  # no reply, a socket error, or one that did not decode
+            self.garbled += 1
+            self.example("garbled", outcome.label)
+            return
+        self.answered += 1
+        if outcome.status == ERROR:
+            self.errors_by_kind[outcome.label] += 1
+        if hostile is not None:  # any decoded reply to a hostile message is judged by what it had to say
+            why = hostile.check(outcome.reply)
+            if why is not None and unauthorized_ok and outcome.kind == "unauthorized":
+                why = None
+            if why is None:
+                self.hostile_errors += 1
+            else:
+                self.hostile_mismatch += 1
+                self.example("hostile_mismatch", f"{hostile.category}: {why}")
+            return
+        if outcome.status == ERROR:
+            self.good_errors[outcome.label] += 1
+            self.example(f"good_error:{outcome.label}", outcome.message or "")
+            return
+        if outcome.status != ACTION or frozenset(outcome.reply[0]) != plan.action_keys:
+            self.garbled += 1
+            self.example("garbled", f"not an action reply: {str(outcome.reply)[:200]}")
+            return
+        self.actions += 1
+        if len(self.latencies) < MAX_LATENCIES:
+            self.latencies.append(outcome.latency_ms)
+        if outcome.server.get("replica"):
+            self.replicas.add(str(outcome.server["replica"]))
+
 
 def _plan(target: Target, *, timeout_ms: int, api_token: str | None, seed: int, batch: int,
           image_size: tuple[int, int] | None, max_batch: int | None) -> _TargetPlan:
-    with PolicyClient(target.host, target.port, timeout_ms=timeout_ms, api_token=api_token,
-                      embodiment_tag=target.embodiment_tag) as client:
-        info = client.info()
-    tag = target.embodiment_tag or info["default_embodiment"]
-    tag = next((t for t in info["embodiments"] if t.lower() == tag.lower()), tag)
-    emb = info["embodiments"][tag]
+    info = fetch_info(target, timeout_ms=timeout_ms, api_token=api_token)
+    emb = embodiment_of(info, target)
     good = build_payloads(target, emb, batch, image_size, PAYLOAD_POOL, seed, api_token)
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
     cap = max_batch or limits.get("max_batch_per_request") or 64
     return _TargetPlan(target, emb, sorted(info["embodiments"]), good, frozenset(emb["action_dims"]), int(cap))
-
-
-class _Robot(threading.Thread):
-    def __init__(self, index: int, plan: _TargetPlan, *, ctx: zmq.Context, stop_at: float, timeout_ms: int,
-                 hostile_rate: float, seed: int, start: threading.Event, unauthorized_ok: bool) -> None:
-        super().__init__(name=f"soak-robot-{index}", daemon=True)
-        self.index, self.plan, self.ctx = index, plan, ctx
-        self.stop_at, self.timeout_ms, self.hostile_rate = stop_at, timeout_ms, hostile_rate
-        self.rng = np.random.default_rng([seed, index])
-        self.hostile = HostileGenerator(plan.embodiment, seed=seed * 1_000_003 + index, served_tags=plan.served,
-                                        tag=plan.target.embodiment_tag, max_batch_per_request=plan.max_batch)
-        self.go = start
-        self.unauthorized_ok = unauthorized_ok
-        self.stats = _RobotStats()
-        self.sock: zmq.Socket | None = None
-
-    def _socket(self) -> zmq.Socket:
-        if self.sock is None:
-            self.sock = self.ctx.socket(zmq.REQ)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.connect(self.plan.target.address)
-        return self.sock
-
-    def _drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
-
-    def _roundtrip(self, payload: bytes) -> Any:
-        """The decoded reply; `_LOST` when none came within the timeout (the socket is then rebuilt)."""
-        sock = self._socket()
-        try:
-            sock.send(payload, copy=False)
-            if not sock.poll(self.timeout_ms, zmq.POLLIN):
-                self._drop()  # a REQ socket without its reply is stuck; a new one also never reads a late reply
-                return _LOST
-            frame = sock.recv(copy=False)
-        except zmq.ZMQError as exc:
-            self._drop()
-            return _Garbled(f"socket error: {exc}")
-        try:
-            return unpackb(frame.buffer)
-        except CodecError as exc:
-            return _Garbled(f"undecodable reply: {exc}")
-
-    def run(self) -> None:
-        s = self.stats
-        self.go.wait()
-        plan = self.plan
-        i = 0
-        try:
-            while time.monotonic() < self.stop_at:
-                i += 1
-                hostile = self.hostile.next() if self.rng.random() < self.hostile_rate else None
-                payload = hostile.payload if hostile is not None else plan.good[(self.index + i) % len(plan.good)]
-                if hostile is not None:
-                    s.sent_hostile += 1
-                    s.hostile_by_category[hostile.category] += 1
-                else:
-                    s.sent_good += 1
-                t0 = time.perf_counter()
-                reply = self._roundtrip(payload)
-                ms = (time.perf_counter() - t0) * 1000.0
-                if reply is _LOST:
-                    s.lost += 1
-                    s.example("lost", f"{'hostile ' + hostile.category if hostile else 'good get_action'}: "
-                                      f"no reply within {self.timeout_ms} ms")
-                    continue
-                if isinstance(reply, _Garbled):
-                    s.garbled += 1
-                    s.example("garbled", reply.why)
-                    continue
-                s.answered += 1
-                is_error = isinstance(reply, dict) and "error" in reply
-                if is_error:
-                    s.errors_by_kind[error_kind(reply)] += 1
-                if hostile is not None:
-                    why = hostile.check(reply)
-                    if why is not None and self.unauthorized_ok and is_error and error_kind(reply) == "unauthorized":
-                        why = None
-                    if why is None:
-                        s.hostile_errors += 1
-                    else:
-                        s.hostile_mismatch += 1
-                        s.example("hostile_mismatch", f"{hostile.category}: {why}")
-                    continue
-                if is_error:
-                    kind = error_kind(reply)
-                    s.good_errors[kind] += 1
-                    s.example(f"good_error:{kind}", str(reply["error"]))
-                    continue
-                if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], dict)
-                        and frozenset(reply[0]) == plan.action_keys):
-                    s.garbled += 1
-                    s.example("garbled", f"not an action reply: {str(reply)[:200]}")
-                    continue
-                s.actions += 1
-                if len(s.latencies) < MAX_LATENCIES:
-                    s.latencies.append(ms)
-                server = reply[1].get("server") if isinstance(reply[1], dict) else None
-                if isinstance(server, dict) and server.get("replica"):
-                    s.replicas.add(str(server["replica"]))
-        finally:
-            self._drop()
-
-
-class _Garbled:
-    def __init__(self, why: str) -> None:
-        self.why = why
-
-
-_LOST = object()
-
-
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-    arr = np.asarray(values)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {"p50": round(float(p50), 2), "p90": round(float(p90), 2), "p99": round(float(p99), 2),
-            "max": round(float(arr.max()), 2), "mean": round(float(arr.mean()), 2)}
 
 
 def run_soak(
@@ -401,7 +304,7 @@ def run_soak(
         raise ValueError(f"hostile_rate: expected a fraction from 0 to 1, got {hostile_rate}")
     if kill_every_s is not None and (kill_every_s <= 0 or not app):
         raise ValueError("kill_every_s: needs a positive period and the app name (--app)")
-    parsed = [t if isinstance(t, Target) else parse_target(str(t)) for t in targets]
+    parsed = [as_target(t) for t in targets]
     if not parsed:
         raise ValueError("targets: expected at least one --target")
     plans = [
@@ -414,78 +317,73 @@ def run_soak(
         if not policy_replicas(app, spare):
             raise ValueError(f"--app {app!r}: no replica to kill (no live SERVE_REPLICA::{app}#... actor but the spared {list(spare)})")
     report = SoakReport([p.target.label for p in plans], robots, duration_s, hostile_rate, kill_every_s, timeout_ms)
-    ctx = zmq.Context()
-    start = threading.Event()
-    t_start = time.monotonic()
-    stop_at = t_start + duration_s
-    crew = [
-        _Robot(i, plans[i % len(plans)], ctx=ctx, stop_at=stop_at, timeout_ms=timeout_ms, hostile_rate=hostile_rate,
-               seed=seed, start=start, unauthorized_ok=api_token is not None)
-        for i in range(robots)
-    ]
-    for r in crew:
-        r.start()
-    start.set()
-    try:
-        if kill_every_s is not None:
-            rng = np.random.default_rng(seed)
-            next_kill = t_start + kill_every_s
-            while next_kill < stop_at:
-                time.sleep(max(0.0, next_kill - time.monotonic()))
-                try:
-                    name = kill_one_replica(app, rng, spare)
-                except Exception as exc:  # noqa: BLE001 - a failed kill is reported, the soak goes on
-                    report.kill_failures.append(f"{type(exc).__name__}: {exc}"[:300])
-                    name = None
-                if name is not None:
-                    report.kills.append({"t": round(time.monotonic() - t_start, 2), "replica": name})
-                    if log:
-                        log(f"[{time.monotonic() - t_start:6.1f}s] killed {name}")
-                else:
-                    report.kills_skipped += 1
-                    if log:
-                        log(f"[{time.monotonic() - t_start:6.1f}s] no healthy replica to kill; skipped")
-                next_kill += kill_every_s
-        deadline = stop_at + timeout_ms / 1000.0 + 10.0  # the last requests get their full timeout
-        for r in crew:
-            r.join(max(0.0, deadline - time.monotonic()))
-        stuck = [r.name for r in crew if r.is_alive()]
-        if stuck:  # cannot happen with bounded polls; reported rather than hung on
-            report.examples["stuck_robots"] = stuck[:MAX_EXAMPLES]
-            report.lost += len(stuck)
-    finally:
-        report.elapsed_s = round(time.monotonic() - t_start, 2)
-        if not any(r.is_alive() for r in crew):  # term() would block on a socket still open
-            ctx.term()
-    latencies: list[float] = []
-    good_errors: Counter = Counter()
-    errors_by_kind: Counter = Counter()
-    categories: Counter = Counter()
-    replicas: set = set()
-    for r in crew:
-        s = r.stats
-        report.sent_good += s.sent_good
-        report.sent_hostile += s.sent_hostile
-        report.answered += s.answered
-        report.actions += s.actions
-        report.hostile_errors += s.hostile_errors
-        report.hostile_mismatch += s.hostile_mismatch
-        report.lost += s.lost
-        report.garbled += s.garbled
-        good_errors.update(s.good_errors)
-        errors_by_kind.update(s.errors_by_kind)
-        categories.update(s.hostile_by_category)
-        replicas |= s.replicas
-        latencies += s.latencies
-        for kind, msgs in s.examples.items():
-            bucket = report.examples.setdefault(kind, [])
-            bucket.extend(msgs[: MAX_EXAMPLES - len(bucket)])
+    tally = _Tally()
+    timeout_s = timeout_ms / 1000.0
+    rngs = [np.random.default_rng([seed, i]) for i in range(robots)]
+    hostiles = [HostileGenerator(plans[i % len(plans)].embodiment, seed=seed * 1_000_003 + i,
+                                 served_tags=plans[i % len(plans)].served, tag=plans[i % len(plans)].target.embodiment_tag,
+                                 max_batch_per_request=plans[i % len(plans)].max_batch) for i in range(robots)]
+
+    def next_request(robot: Robot) -> Request:
+        plan = plans[robot.index % len(plans)]
+        if rngs[robot.index].random() < hostile_rate:
+            hostile = hostiles[robot.index].next()
+            return Request(plan.target.address, hostile.payload, timeout_s, hostile)
+        return Request(plan.target.address, plan.good[(robot.index + robot.sent) % len(plan.good)], timeout_s)
+
+    def judge(outcome: Outcome) -> None:
+        tally.record(outcome, plans[outcome.robot % len(plans)], unauthorized_ok=api_token is not None)
+
+    stop_kills = threading.Event()
+
+    def kill_now_and_then(t_start: float, stop_at: float) -> None:
+        rng = np.random.default_rng(seed)
+        next_kill = t_start + kill_every_s
+        while next_kill < stop_at and not stop_kills.wait(max(0.0, next_kill - time.monotonic())):
+            try:
+                name = kill_one_replica(app, rng, spare)
+            except Exception as exc:  # noqa: BLE001 - a failed kill is reported, the soak goes on
+                report.kill_failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                name = None
+            if name is not None:
+                report.kills.append({"t": round(time.monotonic() - t_start, 2), "replica": name})
+                if log:
+                    log(f"[{time.monotonic() - t_start:6.1f}s] killed {name}")
+            else:
+                report.kills_skipped += 1
+                if log:
+                    log(f"[{time.monotonic() - t_start:6.1f}s] no healthy replica to kill; skipped")
+            next_kill += kill_every_s
+
+    async def soak() -> None:
+        ctx = zmq.asyncio.Context()
+        crew = [Robot(i, ctx, next_request, judge) for i in range(robots)]
+        t_start = time.monotonic()
+        killer = (asyncio.ensure_future(asyncio.to_thread(kill_now_and_then, t_start, t_start + duration_s))
+                  if kill_every_s is not None else None)
+        try:
+            # the last requests get their full timeout; one cut off even then is lost
+            await run_robots(crew, time.perf_counter() + duration_s, drain_s=timeout_s + 10.0)
+            tally.lost += sum(r.in_flight is not None for r in crew)
+        finally:
+            stop_kills.set()
+            if killer is not None:
+                await killer
+            report.elapsed_s = round(time.monotonic() - t_start, 2)
+            ctx.destroy(linger=0)
+
+    asyncio.run(soak())
+    for name in ("sent_good", "sent_hostile", "answered", "actions", "hostile_errors", "hostile_mismatch", "lost",
+                 "garbled"):
+        setattr(report, name, getattr(tally, name))
+    for kind, msgs in tally.examples.items():
+        report.examples[kind] = msgs[:MAX_EXAMPLES]
     report.sent = report.sent_good + report.sent_hostile
-    report.good_errors = dict(good_errors)
-    report.errors_by_kind = dict(errors_by_kind)
-    report.hostile_by_category = dict(sorted(categories.items()))
-    report.replicas_seen = sorted(replicas)
-    report.latency_ms = _percentiles(latencies)
+    report.good_errors = dict(tally.good_errors)
+    report.errors_by_kind = dict(tally.errors_by_kind)
+    report.hostile_by_category = dict(sorted(tally.hostile_by_category.items()))
+    report.replicas_seen = sorted(tally.replicas)
+    report.latency_ms = summarize(tally.latencies)
     report.throughput_rps = round(report.answered / max(report.elapsed_s, 1e-9), 2)
     return report
 
@@ -520,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             ray_address=args.ray_address, timeout_ms=args.timeout_ms, api_token=args.api_token, batch=args.batch,
             image_size=image_size, seed=args.seed, log=lambda m: print(m, flush=True),
         )
-    except (ValueError, OSError, PolicyServerError) as exc:  # bad arguments, no server (timeout), refused
+    except (ValueError, OSError, RuntimeError) as exc:  # bad arguments, no server (timeout), info refused
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -108,7 +108,7 @@ def run(checkpoint: str | None, system_config: dict[str, Any] | None = None) -> 
     from ray.cluster_utils import Cluster
 
     from clients import PolicyClient
-    from robot_load import RobotLoad
+    from bench.robots import BackgroundFleet as RobotLoad
 
     result: dict[str, Any] = {"ok": False, "phases": {}}
     t0 = time.monotonic()

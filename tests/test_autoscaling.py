@@ -22,7 +22,7 @@ from ray import serve
 
 from clients import PolicyClient
 from conftest import deploy_config, free_port, wait_for
-from robot_load import RobotLoad
+from bench.robots import BackgroundFleet as RobotLoad
 from serving.config import LOW_LATENCY_ENV_VARS
 
 APP = "fleet-autoscale"

@@ -15,7 +15,9 @@ import pytest
 import zmq
 
 from clients import PolicyClient, PolicyServerError, packb, unpackb
-from bench.fleet import FleetReport, Target, build_parser, fetch_info, parse_target, plot_report, run_fleet_sync
+from bench.fleet import FleetReport, build_parser, run_fleet_sync
+from bench.report import plot_report
+from bench.robots import Target, fetch_info, parse_target
 from clients.observations import random_observation
 from conftest import free_port
 
@@ -210,7 +212,8 @@ def test_fleet_over_processes(serial_server, processes):
 
 def test_bench_limit_interpolation_ratios_and_targets(tmp_path):
     from bench.limit import interpolate
-    from bench.run import TARGETS_CPU, analyse, check_targets, summarize_profile
+    from bench.profiling import summarize_profile
+    from bench.run import TARGETS_CPU, analyse, check_targets
 
     rows = [{"batch_size": 1, "samples_per_s": 10.0}, {"batch_size": 4, "samples_per_s": 20.0},
             {"batch_size": 16, "samples_per_s": 40.0}]

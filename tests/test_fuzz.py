@@ -21,7 +21,7 @@ import zmq
 from ray import serve
 
 from clients import PolicyClient, packb, unpackb
-from bench.hostile import CATEGORIES, Hostile, HostileGenerator
+from tests.support.hostile_corpus import CATEGORIES, Hostile, HostileGenerator
 from clients.observations import random_observation
 from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
 

@@ -23,7 +23,7 @@ import zmq
 from ray import serve
 
 from clients import CodecError, PolicyClient, PolicyServerError, packb, unpackb
-from bench.hostile import CATEGORIES, HostileGenerator, pickled_object_npy
+from tests.support.hostile_corpus import CATEGORIES, HostileGenerator, pickled_object_npy
 from clients.keys import generate_keypair, main as keys_main, read_key
 from clients.observations import random_observation
 from conftest import app_entry, deploy_config, free_port, ingress_status
