@@ -1,9 +1,9 @@
 """A fleet on a multi-node Ray cluster on one machine, then a policy node lost under load.
 
-Run by tests/test_multinode.py in a subprocess (one `ray.init` per process: it cannot share the test
+Run by tests/system/test_multinode.py in a subprocess (one `ray.init` per process: it cannot share the test
 session's Ray), or by hand:
 
-    .venv/bin/python tests/multinode_scenario.py [--checkpoint DIR] [--out result.json]
+    .venv/bin/python tests/support/multinode_scenario.py [--checkpoint DIR] [--out result.json]
 
 Ray's own multi-node test cluster (`ray.cluster_utils.Cluster`: several raylets on this machine) stands in
 for a GPU cluster, with custom resources standing in for GPUs:
@@ -35,14 +35,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
-# The repository first (clients, serving, policy), then tests/ (robot_load); PYTHONPATH for the cluster's
+# The repository first (clients, serving, policy), then tests/ (the support package); PYTHONPATH for the cluster's
 # workers too, which import serving.app wherever the script was started from.
 sys.path[:0] = [str(REPO), str(TESTS)]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
-from conftest import app_entry, free_port, wait_for  # noqa: E402  (after the path set-up above)
+from support.net import free_port  # noqa: E402  (after the path set-up above)
+from support.serve_apps import app_entry  # noqa: E402
+from support.waiting import wait_for  # noqa: E402
 
 APP = "fleet-multinode"
 DEPLOYMENTS = ("gr1", "unitree_g1", "ZmqIngress")
@@ -108,7 +110,7 @@ def run(checkpoint: str | None, system_config: dict[str, Any] | None = None) -> 
     from ray.cluster_utils import Cluster
 
     from clients import PolicyClient
-    from robot_load import RobotLoad
+    from support.robot_load import RobotLoad
 
     result: dict[str, Any] = {"ok": False, "phases": {}}
     t0 = time.monotonic()

@@ -26,7 +26,9 @@ from ray import serve
 from clients import PolicyClient, PolicyServerError, PolicyTimeoutError, packb, unpackb
 from clients.observations import random_observation
 from bench.soak import kill_one_replica, policy_replicas, run_soak
-from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
+from support.net import free_port
+from support.serve_apps import app_entry, deploy_config, ingress_status
+from support.waiting import wait_for
 
 APP = "faults-test"
 ROBOT_TIMEOUT_MS = 60_000  # above the server's request_timeout_ms (12 s / 40 s): a slow answer is an error, not a hang

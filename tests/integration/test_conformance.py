@@ -1,6 +1,6 @@
 """Conformance: every GR00T client in the field, unmodified, against the real served app.
 
-Clients: re-implementations of upstream's N1.5, N1.6 and N1.7 clients (tests/upstream_clients.py, each citing the
+Clients: re-implementations of upstream's N1.5, N1.6 and N1.7 clients (tests/support/upstream_clients.py, each citing the
 source it was read from; the N1.7 one uses the real `msgpack-numpy` package as its codec), the real
 `inspect-robots-unitree-g1` client from PyPI driven through its own transport and its own `Gr00tPolicy.act()`,
 and our `clients.PolicyClient`. ONE module-scoped app serves them all: gr1 and unitree_g1 on `auto` ports, both
@@ -8,7 +8,7 @@ again on `n1.5` ports, and gr1 on a port with an api_token.
 
 The README's compatibility table is rendered from `COMPATIBILITY` below, whose rows name the tests that prove
 them; `test_readme_compatibility_table_is_the_suites` keeps the two equal. Regenerate it with
-`PYTHONPATH=. .venv/bin/python tests/test_conformance.py --write-readme`.
+`PYTHONPATH=. .venv/bin/python tests/integration/test_conformance.py --write-readme`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from clients import PolicyClient, PolicyServerError
 from clients.observations import random_observation
 from clients.protocol import ERROR_KINDS, to_flat
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 APP = "conformance"
 TOKEN = "conformance-token"
 TAGS = ("gr1", "unitree_g1")
@@ -74,7 +74,7 @@ def test_readme_compatibility_table_is_the_suites():
     assert found, "README.md lacks the compatibility table markers"
     assert found.group(2) == compatibility_table() + "\n", (
         "README's compatibility table differs from the suite's; regenerate it: "
-        "PYTHONPATH=. .venv/bin/python tests/test_conformance.py --write-readme"
+        "PYTHONPATH=. .venv/bin/python tests/integration/test_conformance.py --write-readme"
     )
 
 
@@ -97,7 +97,8 @@ def g1_one_camera_checkpoint(tiny_checkpoint, tmp_path_factory):
 def served(ray_session, g1_one_camera_checkpoint):
     from ray import serve
 
-    from conftest import app_entry, deploy_config, free_port
+    from support.net import free_port
+    from support.serve_apps import app_entry, deploy_config
 
     ports = {"gr1": free_port(), "unitree_g1": free_port()}
     n15 = {"gr1": free_port(), "unitree_g1": free_port()}
@@ -147,7 +148,7 @@ def _n15_observation(embodiment: dict, batch: int | None, rng) -> dict:
 
 @pytest.mark.parametrize("tag", TAGS)
 def test_n15_client(served, tag):
-    from upstream_clients import N15Client
+    from support.upstream_clients import N15Client
 
     emb = _embodiment(served, tag)
     rng = np.random.default_rng(15)
@@ -180,7 +181,7 @@ def test_n15_client(served, tag):
 @pytest.mark.parametrize("generation", ["n1.6", "n1.7"])
 @pytest.mark.parametrize("tag", TAGS)
 def test_n16_n17_clients(served, tag, generation):
-    from upstream_clients import N16Client, N17Client
+    from support.upstream_clients import N16Client, N17Client
 
     emb = _embodiment(served, tag)
     rng = np.random.default_rng(16)

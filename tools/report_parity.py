@@ -1,10 +1,10 @@
 """Print how far our native GR00T N1.6 is from NVIDIA's own numbers, stage by stage (the README's table).
 
-    .venv/bin/python tests/report_parity.py [--json out.json]
+    .venv/bin/python -m tools.report_parity [--json out.json]
 
 float32 stages are compared with NVIDIA's float32 run; our bfloat16 run's stages with NVIDIA's float32 stages
 (NVIDIA recorded only its bf16 actions) and its actions with NVIDIA's bf16 actions. The tests assert the bars
-(tests/test_gr00t_n16_parity.py); this prints the measured figures.
+(tests/integration/test_gr00t_n16_parity.py); this prints the measured figures.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository (policy) and tests/ (the support package holding NVIDIA's reference), whether this runs as
+# `python -m tools.report_parity` or as a script from anywhere.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import gr00t_n16_reference as ref  # noqa: E402
+from support import gr00t_n16_reference as ref  # noqa: E402
 from policy import load_policy  # noqa: E402
 
 STAGES = [

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import gr00t_n16_reference as ref
+from support import gr00t_n16_reference as ref
 from policy import load_policy
 from policy.make_demo_checkpoint import CHAT_TEMPLATE
 from policy.processing_gr00t_n1d6 import default_chat_text

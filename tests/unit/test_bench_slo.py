@@ -11,7 +11,7 @@ import zmq
 from bench.slo import check_targets, drive
 from clients.codec import packb, unpackb
 from clients.protocol import ErrorKind, Refusal, error_reply
-from conftest import free_port
+from support.net import free_port
 
 
 def _server(port: int, stop: threading.Event, delay_s: float) -> None:

@@ -24,14 +24,15 @@ from ray import serve
 
 from clients import CodecError, PolicyClient, PolicyServerError, packb, unpackb
 from bench.hostile import CATEGORIES, HostileGenerator, pickled_object_npy
-from clients.keys import generate_keypair, main as keys_main, read_key
+from clients.keys import generate_keypair
 from clients.observations import random_observation
-from conftest import app_entry, deploy_config, free_port, ingress_status
+from support.net import free_port
+from support.serve_apps import app_entry, deploy_config, ingress_status
 from serving.config import IngressConfig
 from clients.protocol import UNAUTHORIZED
 
 APP = "security-test"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_TOKEN = "global-token-7f3a"
 PORT_TOKEN = "port-token-91c2"
 SERVER, ALLOWED, STRANGER = generate_keypair(), generate_keypair(), generate_keypair()
@@ -155,18 +156,6 @@ def test_curve_allowed_client_served_unknown_key_or_no_curve_gets_no_answer(curv
         assert set(action) == set(gr1["action_dims"])
     with _client(ports["gr1"], "wrong", **allowed) as c:  # CURVE admits the robot; the token still applies
         _unauthorized(c.info)
-
-
-def test_keys_tool_writes_a_usable_pair_with_a_private_secret(tmp_path, capsys):
-    assert keys_main(["--out", str(tmp_path), "--name", "robot-7"]) == 0
-    out = capsys.readouterr().out
-    public, secret = read_key(tmp_path / "robot-7.key"), read_key(tmp_path / "robot-7.key_secret")
-    assert f"public_key: {public}" in out and f"secret_key: {secret}" in out
-    assert "allowed_client_keys" in out and "client_keys=" in out
-    assert (tmp_path / "robot-7.key_secret").stat().st_mode & 0o777 == 0o600
-    assert zmq.curve_public(secret.encode()) == public.encode()  # the files hold one pair
-    assert keys_main(["--out", str(tmp_path), "--name", "robot-7"]) == 1  # never overwrites silently
-    assert read_key(tmp_path / "robot-7.key") == public
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,26 +299,3 @@ def test_server_refuses_a_pickle_bomb_without_running_it(secure_fleet, tmp_path)
             c.get_action(obs)
         assert c.ping()
     assert not canary.exists(), "the server unpickled a robot's bytes"
-
-
-_FORBIDDEN = [
-    (re.compile(r"allow_pickle\s*=\s*True"), "allow_pickle=True"),
-    (re.compile(r"\b(c?pickle|cloudpickle|dill)\.(loads?|Unpickler)\b"), "unpickling"),
-    (re.compile(r"(?<![\w.])eval\s*\("), "eval("),
-    (re.compile(r"(?<![\w.])exec\s*\("), "exec("),
-    (re.compile(r"\bmarshal\.loads?\b"), "marshal.load"),
-    (re.compile(r"\byaml\.load\s*\((?![^)]*Loader\s*=\s*yaml\.SafeLoader)"), "yaml.load without SafeLoader"),
-]
-
-
-def test_source_tree_has_no_unpickling_nor_eval_in_clients_and_serving():
-    offenders = []
-    files = sorted((ROOT / "clients").rglob("*.py")) + sorted((ROOT / "serving").rglob("*.py"))
-    assert len(files) > 10
-    for path in files:
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            for pattern, what in _FORBIDDEN:
-                if pattern.search(code):
-                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {what}: {line.strip()}")
-    assert not offenders, "\n".join(offenders)

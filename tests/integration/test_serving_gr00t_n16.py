@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from ray import serve
 
-import gr00t_n16_reference as ref
+from support import gr00t_n16_reference as ref
 from clients import PolicyClient, PolicyServerError
-from conftest import app_entry, deploy_config, free_port
+from support.net import free_port
+from support.serve_apps import app_entry, deploy_config
 
 APP = "fleet-n16-reference"
 REAL_TOKENIZER = os.environ.get("FLEETSERVE_EAGLE_TOKENIZER")

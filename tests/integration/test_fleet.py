@@ -17,7 +17,7 @@ import zmq
 from clients import PolicyClient, PolicyServerError, packb, unpackb
 from bench.fleet import FleetReport, Target, build_parser, fetch_info, parse_target, plot_report, run_fleet_sync
 from clients.observations import random_observation
-from conftest import free_port
+from support.net import free_port
 
 
 @pytest.fixture(scope="module")

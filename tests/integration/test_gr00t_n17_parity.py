@@ -65,7 +65,7 @@ from policy.processing_gr00t_n1d7 import (  # noqa: E402
     task_text,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "gr00t_n17"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gr00t_n17"
 TOKENIZER = FIXTURES / "tokenizer"
 CHECKPOINT = FIXTURES / "checkpoint"
 TAG = "new_embodiment"
@@ -508,7 +508,8 @@ def test_a_serve_app_answers_each_sample_as_its_reference_run_alone(ray_session,
     from ray import serve
 
     from clients import PolicyClient
-    from conftest import app_entry, deploy_config, free_port
+    from support.net import free_port
+    from support.serve_apps import app_entry, deploy_config
 
     port = free_port()
     app = app_entry("n17-parity", CHECKPOINT, {TAG: port}, embodiments={TAG: {

@@ -23,7 +23,9 @@ from ray import serve
 from clients import PolicyClient, packb, unpackb
 from bench.hostile import CATEGORIES, Hostile, HostileGenerator
 from clients.observations import random_observation
-from conftest import app_entry, deploy_config, free_port, ingress_status, wait_for
+from support.net import free_port
+from support.serve_apps import app_entry, deploy_config, ingress_status
+from support.waiting import wait_for
 
 APP = "fuzz-test"
 MESSAGES = 10_000

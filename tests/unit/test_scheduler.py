@@ -1,4 +1,4 @@
-"""The embodiment scheduler without Ray, on simulated time (tests/simtime.py): the real EmbodimentScheduler the
+"""The embodiment scheduler without Ray, on simulated time (tests/support/simtime.py): the real EmbodimentScheduler the
 ingress uses, driven against fake replicas whose forward pass takes a known time (fixed + per-sample, plus the
 call's round trip), with as many such replicas working in parallel as the test says.
 
@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-import simtime
+from support import simtime
 from clients.protocol import ErrorKind, Refusal, RequestError
 from serving.messages import BatchReply, ForwardPass, InferenceOutcome, InferenceRequest
 from serving.queues import DeadlineClassQueue, FifoQueue, create_request_queue

@@ -23,7 +23,7 @@ import yaml
 
 from serving.config import BatchingConfig, FleetArgs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 GPU_CONFIG = CLUSTER / "serve_config.gpu.yaml"
 MANIFEST = CLUSTER / "kuberay" / "rayservice.yaml"

@@ -21,8 +21,10 @@ import pytest
 from ray import serve
 
 from clients import PolicyClient
-from conftest import deploy_config, free_port, wait_for
-from robot_load import RobotLoad
+from support.net import free_port
+from support.serve_apps import deploy_config
+from support.waiting import wait_for
+from support.robot_load import RobotLoad
 from serving.config import LOW_LATENCY_ENV_VARS
 
 APP = "fleet-autoscale"

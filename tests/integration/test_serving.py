@@ -15,7 +15,8 @@ from ray import serve
 
 from clients import ModalityConfig, PolicyClient, PolicyServerError, packb, unpackb
 from clients.observations import random_observation, to_flat
-from conftest import deploy_config, fleet_app, free_port
+from support.net import free_port
+from support.serve_apps import deploy_config, fleet_app
 
 APP = "fleet-test"
 
@@ -279,7 +280,7 @@ def test_a_robot_session_continues_the_last_chunk_and_reset_forgets_it(fleet):
 
 
 def test_buffer_steps_set_the_deadline_and_a_dry_buffer_is_an_underrun(fleet):
-    from conftest import ingress_status
+    from support.serve_apps import ingress_status
 
     gr1 = fleet.embodiment("gr1")
     with fleet.client("gr1") as c:

@@ -18,7 +18,9 @@ from ray import serve
 
 from clients import PolicyClient, PolicyServerError
 from clients.observations import random_observation
-from conftest import deploy_config, free_port, wait_for
+from support.net import free_port
+from support.serve_apps import deploy_config
+from support.waiting import wait_for
 
 APP = "fleet-metrics"
 TOKEN = "metrics-test-token"

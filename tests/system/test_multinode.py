@@ -1,4 +1,4 @@
-"""The fleet across several Ray nodes, and a policy node lost under load (tests/multinode_scenario.py).
+"""The fleet across several Ray nodes, and a policy node lost under load (tests/support/multinode_scenario.py).
 
 The scenario starts its own multi-node Ray cluster (`ray.cluster_utils.Cluster`: raylets on 127.0.0.1 with
 custom resources standing in for GPUs), which cannot share this session's Ray, so it runs in a subprocess of
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-SCENARIO = Path(__file__).with_name("multinode_scenario.py")
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = REPO / "tests" / "support" / "multinode_scenario.py"
 TIMEOUT_S = 200  # the scenario takes ~70 s on 2 idle cores
 
 
@@ -26,7 +27,7 @@ def run_scenario(checkpoint: str) -> dict:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     proc = subprocess.Popen(
         [sys.executable, str(SCENARIO), "--checkpoint", checkpoint],
-        cwd=SCENARIO.parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group: everything it started can be killed at once below
     )
     try:

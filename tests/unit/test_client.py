@@ -30,7 +30,7 @@ from clients import (
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 5.0  # generous bound for things that should happen at once
 NO_REPLY = object()
 

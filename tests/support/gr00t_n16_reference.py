@@ -6,7 +6,7 @@ the 151680-row embedding table that no reference prompt uses (zeros here: they n
 NVIDIA's tokenizer (Qwen3's 151k-token BPE with Eagle's added tokens) is not ours to redistribute, so
 `RecordedTokenizer` STANDS IN for it: it answers the prompts the reference recorded with the ids the real
 tokenizer gave, and refuses any other text. Set FLEETSERVE_EAGLE_TOKENIZER to a real Eagle-Block2A-2B-v2 folder
-to check the real tokenizer against the same ids (tests/test_gr00t_n16_parity.py).
+to check the real tokenizer against the same ids (tests/integration/test_gr00t_n16_parity.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "gr00t_n16"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gr00t_n16"
 TAG = "new_embodiment"
 LANGUAGE_KEY = "annotation.human.task_description"
 EMBED = "backbone.model.language_model.model.embed_tokens.weight"
