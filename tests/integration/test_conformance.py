@@ -6,9 +6,9 @@ source it was read from; the N1.7 one uses the real `msgpack-numpy` package as i
 and our `clients.PolicyClient`. ONE module-scoped app serves them all: gr1 and unitree_g1 on `auto` ports, both
 again on `n1.5` ports, and gr1 on a port with an api_token.
 
-The README's compatibility table is rendered from `COMPATIBILITY` below, whose rows name the tests that prove
-them; `test_readme_compatibility_table_is_the_suites` keeps the two equal. Regenerate it with
-`PYTHONPATH=. .venv/bin/python tests/integration/test_conformance.py --write-readme`.
+The README's compatibility table is rendered by `python -m tools.conformance_table`, whose rows name the tests
+here that prove them; tests/unit/test_conformance_table.py checks that those tests exist and that the README holds
+the tool's rendering (no test writes the README).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -28,54 +26,9 @@ from clients import PolicyClient, PolicyServerError
 from clients.observations import random_observation
 from clients.protocol import ERROR_KINDS, to_flat
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 APP = "conformance"
 TOKEN = "conformance-token"
 TAGS = ("gr1", "unitree_g1")
-
-# (client, generation, observation form, port, what works, the tests that prove the row)
-COMPATIBILITY = [
-    ("upstream N1.5 client", "N1.5", "flat, one environment (no B), float64 states", "`n1.5`",
-     "ping, get_modality_config (`as_json` a JSON string), get_action -> the action dict alone, squeezed as N1.5 did; "
-     "errors raise; kill refused", ["test_n15_client"]),
-    ("upstream N1.5 client", "N1.5", "flat, batched (B, T, ...)", "`n1.5`", "get_action -> `action.<key>` (B, horizon, D)",
-     ["test_n15_client"]),
-    ("upstream N1.6 client", "N1.6", "nested", "`auto`",
-     "ping, get_modality_config (`as_json` a map), reset, get_action -> [action, info]; errors raise; kill refused",
-     ["test_n16_n17_clients"]),
-    ("upstream N1.6 client", "N1.6", "flat (`video.<cam>`, `state.<key>`)", "`auto`", "get_action -> [{`action.<key>`}, info]",
-     ["test_n16_n17_clients"]),
-    ("upstream N1.7 client (msgpack-numpy codec)", "N1.7", "nested", "`auto`",
-     "as N1.6, replies in msgpack-numpy form", ["test_n16_n17_clients"]),
-    ("upstream N1.7 client (msgpack-numpy codec)", "N1.7", "flat", "`auto`", "get_action -> [{`action.<key>`}, info]",
-     ["test_n16_n17_clients"]),
-    ("`inspect-robots-unitree-g1` 0.1.1 (PyPI)", "msgpack-numpy only", "nested, unitree_g1 (one camera, `ego_view`)", "`auto`",
-     "`Gr00tPolicy.act()` -> 16-step chunk of 16-D actions; server errors raise", ["test_inspect_robots_unitree_g1"]),
-    ("`clients.PolicyClient` (ours)", "N1.6 wire", "nested and flat", "`auto`",
-     "every endpoint and `info`; errors raise `PolicyServerError` with `.kind`", ["test_our_client"]),
-    ("`clients.PolicyClient` (ours)", "N1.6 wire", "nested and flat", "`n1.5`",
-     "get_modality_config (reads the JSON string); get_action refused, naming the N1.5 form", ["test_our_client"]),
-]
-
-
-def compatibility_table() -> str:
-    lines = ["| client | generation | observation form | port `protocol` | what works |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {c} | {g} | {f} | {p} | {w} |" for c, g, f, p, w, _ in COMPATIBILITY]
-    return "\n".join(lines)
-
-
-_TABLE_RE = re.compile(r"(<!-- compatibility table: begin[^\n]*\n)(.*?)(<!-- compatibility table: end -->)", re.S)
-
-
-def test_readme_compatibility_table_is_the_suites():
-    tests = {name for *_, names in COMPATIBILITY for name in names}
-    assert tests <= set(globals()), f"rows name tests that do not exist: {tests - set(globals())}"
-    found = _TABLE_RE.search(README.read_text())
-    assert found, "README.md lacks the compatibility table markers"
-    assert found.group(2) == compatibility_table() + "\n", (
-        "README's compatibility table differs from the suite's; regenerate it: "
-        "PYTHONPATH=. .venv/bin/python tests/integration/test_conformance.py --write-readme"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,17 +227,3 @@ def test_our_client(served):
         with pytest.raises(PolicyServerError) as err:
             c.reset()
         assert err.value.kind == "unauthorized"
-
-
-def _write_readme() -> None:
-    text = README.read_text()
-    if not _TABLE_RE.search(text):
-        raise SystemExit("README.md lacks the '<!-- compatibility table: begin -->' / end markers")
-    README.write_text(_TABLE_RE.sub(lambda m: m.group(1) + compatibility_table() + "\n" + m.group(3), text))
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-readme"]:
-        _write_readme()
-    else:
-        print(compatibility_table())
