@@ -167,7 +167,7 @@ def test_fleet_metrics_reach_rays_prometheus_endpoint(metered, metrics_port):
     assert total(samples, "ray_fleetserve_infer_prediction_ratio_count", **labels) == predicted
     # Gauges: the robot still connected, and the embodiment's (now empty) queue.
     assert got["robots"] >= 1, got
-    assert total(samples, "ray_fleetserve_queue_depth", embodiment="gr1", **{"application": APP}) is not None
+    assert total(samples, "ray_fleetserve_queue_depth", embodiment="gr1", **{"application": APP}) == 0, "queue left"
     # Serve's own labels ride along (the dashboard groups by them).
     names = {ls.get("deployment") for n, ls, _ in samples if n == "ray_fleetserve_requests_total" and ls.get("application") == APP}
     assert names == {"ZmqIngress"}, names

@@ -89,7 +89,10 @@ def test_every_endpoint_through_policy_client(fleet):
         assert server["batch_size"] >= 2
         for field in ("replica", "queue_ms", "infer_ms", "total_ms"):
             assert field in server, field
-        assert server["total_ms"] >= server["infer_ms"] >= 0
+        # The request's time splits into its wait for a forward pass and the pass itself, within the total the
+        # ingress measured (each figure rounded to 1 us): a real forward pass of 2 samples takes time.
+        assert server["infer_ms"] > 0, server
+        assert server["queue_ms"] + server["infer_ms"] <= server["total_ms"] + 0.01, server
         with pytest.raises(PolicyServerError, match="kill: refused"):
             c.kill_server()
         assert c.ping(), "kill must never stop the server"

@@ -34,7 +34,8 @@ def test_a_ray_worker_overhead_measured_on_a_run_counts_per_process():
 def test_the_free_share_is_kept():
     estimate = {"policy_replicas": 1, "per_replica_mb": 900.0, "total_mb": 950.0}
     assert fit_check(estimate, available_mb=1000.0, free_share=0.0) is None
-    assert fit_check(estimate, available_mb=1000.0, free_share=0.1) is not None
+    reason = fit_check(estimate, available_mb=1000.0, free_share=0.1)  # 950 MB > 90% of 1000 MB
+    assert reason.startswith("does not fit: 1 replicas x 0.9 GB") and "(90% of MemAvailable 1.0 GB)" in reason, reason
 
 
 def test_mem_available_is_read_and_the_start_deadline_has_a_default():
