@@ -22,7 +22,6 @@ RAY_FIXTURES = {"ray_session", "metrics_port"}
 RAY_IMPORT_ALLOWED = {
     "test_routing.py": "serving.routing subclasses Ray Serve's RequestRouter",
     "test_scheduler.py": "serving.scheduler retries a batch on Ray's actor errors (ray.exceptions)",
-    "test_cluster_configs.py": "the cluster files checked with Ray's own schema, `ray up` validators and CLI",
 }
 
 
