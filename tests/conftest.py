@@ -17,21 +17,29 @@ TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "system")
 
 
+def _layer(item) -> str | None:
+    path = Path(str(item.path)).resolve()
+    if TESTS not in path.parents:
+        return None  # not one of ours (a path given on the command line outside tests/)
+    parts = path.relative_to(TESTS).parts
+    return parts[0] if len(parts) > 1 and parts[0] in LAYERS else ""
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark every test with its layer, from the folder it lives in (tests/<layer>/...): `-m unit` and the make
-    targets select by it. A test outside the three folders is an error, so no test escapes every layer."""
+    targets select by it. A test outside the three folders is an error, so no test escapes every layer. A whole
+    run goes unit, integration, system (not the folders' alphabetical order): the fast layer fails first."""
     stray = []
     for item in items:
-        path = Path(str(item.path)).resolve()
-        if TESTS not in path.parents:
-            continue  # not one of ours (a path given on the command line outside tests/)
-        parts = path.relative_to(TESTS).parts
-        if len(parts) > 1 and parts[0] in LAYERS:
-            item.add_marker(getattr(pytest.mark, parts[0]))
-        else:
+        layer = _layer(item)
+        if layer:
+            item.add_marker(getattr(pytest.mark, layer))
+        elif layer == "":
             stray.append(item.nodeid)
     if stray:
         raise pytest.UsageError(f"tests outside tests/{{{','.join(LAYERS)}}}/: {stray[:5]}")
+    # A stable sort: each module's tests stay together and in order (module-scoped apps are built once).
+    items.sort(key=lambda item: LAYERS.index(_layer(item)) if _layer(item) else len(LAYERS))
 
 
 # Ports the session Ray was started with (filled in by `ray_session`).
