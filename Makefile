@@ -14,13 +14,13 @@ GR00T_PY := $(GR00T_VENV)/bin/python
 GR00T_STAMP := $(GR00T_VENV)/.fleetserve-installed
 GR00T_PINS := transformers==4.51.3 numpy==1.26.4 msgpack==1.1.0 pyzmq==27.0.1
 # Policy, gr00t backend and serving under those pins: a focused subset (one Serve app), not the whole suite.
-GR00T_TESTS := tests/test_modeling_gr00t_n1d6.py tests/test_processing_gr00t_n1d6.py tests/test_state_action.py \
-	tests/test_gr00t_n16_parity.py tests/test_policy.py tests/test_checkpoint.py \
-	tests/test_gr00t_backend.py tests/test_inference_path.py \
-	tests/test_serving.py::test_every_endpoint_through_policy_client \
-	tests/test_serving.py::test_info_names_the_device_each_replica_got_and_its_warm_up
+GR00T_TESTS := tests/unit/test_processing_gr00t_n1d6.py tests/unit/test_state_action.py tests/unit/test_checkpoint.py \
+	tests/unit/test_gr00t_backend.py tests/integration/test_modeling_gr00t_n1d6.py \
+	tests/integration/test_gr00t_n16_parity.py tests/integration/test_policy.py tests/integration/test_inference_path.py \
+	tests/integration/test_serving.py::test_every_endpoint_through_policy_client \
+	tests/integration/test_serving.py::test_info_names_the_device_each_replica_got_and_its_warm_up
 
-.PHONY: setup setup-gr00t serve test test-gr00t bench gpu-check checkpoints clean
+.PHONY: setup setup-gr00t serve test test-unit test-integration test-system test-gr00t bench gpu-check checkpoints clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,17 @@ $(GR00T_STAMP): pyproject.toml
 test: setup setup-gr00t
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-gr00t
+
+# The layers alone (README, "Tests"): unit in well under a minute and starting no Ray (given as a folder, so no
+# module of the other layers is even imported); integration and system share the session Ray of tests/conftest.py.
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+test-system: setup
+	$(PY) -m pytest -q tests/system
 
 test-gr00t: setup-gr00t
 	$(GR00T_PY) -m pytest -q -p no:cacheprovider $(GR00T_TESTS)

@@ -5,7 +5,7 @@ A call to an idle replica starts its pass at once, from the call itself: no queu
 (what `@serve.batch` costs a lone robot). Calls that arrive during a pass (from several ingresses, or from one
 that sent a batch ahead) wait, and the next pass takes them all: one pass per model (never a mixed one), cut
 into passes of at most `max_batch_size` samples (a request is never split). The event loop stays free
-meanwhile for new calls and health checks. Ray-free: tests/test_passes.py drives it with a fake forward.
+meanwhile for new calls and health checks. Ray-free: tests/unit/test_passes.py drives it with a fake forward.
 """
 
 from __future__ import annotations

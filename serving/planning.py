@@ -19,7 +19,7 @@ how much arrives per deadline class (`ClassRates`) and in all (`DemandMeter`), w
 (`capacity_samples_per_s`) and how many replicas a demand needs (`replicas_needed`).
 
 Everything here is a function of its inputs (times in seconds, `now` passed in), so it is tested with
-numbers, without a clock, a loop or a replica (tests/test_planning.py).
+numbers, without a clock, a loop or a replica (tests/unit/test_planning.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ A Ray call per request costs more than a small model's forward pass on a small m
 It waits `batch_wait_ms` only while another batch travels (robots answered together ride together again), never
 past a quarter of the earliest slack. The arithmetic is `serving.planning`'s; the order and what follows from it
 is the queue policy's; Ray is behind `send`, and time behind `clock` (the loop's timers run on the same clock in
-tests: tests/test_scheduler.py drives it on simulated time).
+tests: tests/unit/test_scheduler.py drives it on simulated time).
 """
 
 from __future__ import annotations

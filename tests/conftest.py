@@ -1,37 +1,45 @@
-"""Shared fixtures. One Ray instance for the whole session (CI has 2 cores): every Serve test reuses it."""
+"""Shared fixtures, and the layer markers. One Ray instance for the whole session (CI has 2 cores): every Serve
+test reuses it. Plain helpers live in the `support` package (tests/support), not here: nothing imports conftest."""
 
 from __future__ import annotations
 
 import os
-import socket
-import time
-from typing import Callable
+from pathlib import Path
 
 import pytest
 
-from serving.config import LOW_LATENCY_ENV_VARS  # pydantic only: imports neither ray nor torch
+from support.net import free_port
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "system")
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+def _layer(item) -> str | None:
+    path = Path(str(item.path)).resolve()
+    if TESTS not in path.parents:
+        return None  # not one of ours (a path given on the command line outside tests/)
+    parts = path.relative_to(TESTS).parts
+    return parts[0] if len(parts) > 1 and parts[0] in LAYERS else ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its layer, from the folder it lives in (tests/<layer>/...): `-m unit` and the make
+    targets select by it. A test outside the three folders is an error, so no test escapes every layer. A whole
+    run goes unit, integration, system (not the folders' alphabetical order): the fast layer fails first."""
+    stray = []
+    for item in items:
+        layer = _layer(item)
+        if layer:
+            item.add_marker(getattr(pytest.mark, layer))
+        elif layer == "":
+            stray.append(item.nodeid)
+    if stray:
+        raise pytest.UsageError(f"tests outside tests/{{{','.join(LAYERS)}}}/: {stray[:5]}")
+    # A stable sort: each module's tests stay together and in order (module-scoped apps are built once).
+    items.sort(key=lambda item: LAYERS.index(_layer(item)) if _layer(item) else len(LAYERS))
 
 
 # Ports the session Ray was started with (filled in by `ray_session`).
@@ -66,53 +74,3 @@ def tiny_checkpoint(tmp_path_factory):
     from policy import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", embodiments=("gr1", "unitree_g1"))
-
-
-def deploy_config(applications: list[dict], timeout_s: int = 300) -> None:
-    """Deploy apps from a config, as `serve run serve_config.yaml` does (and unlike `serve.run(app)`, which
-    gives every call a new code version): a change of only user_config then reconfigures replicas live.
-    Uses the same private calls as Ray's own `serve run` CLI, because Serve has no public Python API for it."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    client = serve_start(http_options={"host": "127.0.0.1", "port": free_port()})
-    client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}), _blocking=False)
-    for app in applications:
-        client._wait_for_application_running(app["name"], timeout_s=timeout_s)
-
-
-def fleet_app(checkpoint, ports: dict[str, int], max_batch_size: int = 16, name: str = "fleet-test") -> dict:
-    """The application entry of a serve config, like serve_config.yaml's, on free ports and tiny checkpoints."""
-    args = {
-        "ingress": {"ports": [{"port": p, "embodiment": tag} for tag, p in ports.items()]},
-        "embodiments": {tag: {"checkpoint": str(checkpoint), "device": "cpu"} for tag in ports},
-    }
-    deployments = [
-        {"name": tag, "ray_actor_options": {"num_cpus": 0.2},
-         "user_config": {"max_batch_size": max_batch_size, "batch_wait_ms": 5}}
-        for tag in ports
-    ]
-    deployments.append({"name": "ZmqIngress", "ray_actor_options": {"num_cpus": 0.1}})
-    return {"name": name, "route_prefix": None, "import_path": "serving.app:build_app", "args": args,
-            "deployments": deployments, "runtime_env": {"env_vars": dict(LOW_LATENCY_ENV_VARS)}}
-
-
-def app_entry(name: str, checkpoint, ports: dict[str, int], *, ingress: dict | None = None,
-              embodiments: dict[str, dict] | None = None, deployments: dict[str, dict] | None = None) -> dict:
-    """`fleet_app` under another app name, with fields of `args.ingress`, of
-    `args.embodiments.<tag>` and of the deployment entries (by name: a tag or "ZmqIngress") added or replaced."""
-    app = fleet_app(checkpoint, ports, name=name)
-    app["args"]["ingress"].update(ingress or {})
-    for tag, extra in (embodiments or {}).items():
-        app["args"]["embodiments"][tag].update(extra)
-    for entry in app["deployments"]:
-        entry.update((deployments or {}).get(entry["name"], {}))
-    return app
-
-
-def ingress_status(app: str, timeout_s: float = 30) -> dict:
-    """The ingress's status page (the JSON its HTTP route serves: open_requests, robots_connected, rss_mb, ...),
-    read through the app's handle so no HTTP port needs to be known."""
-    from ray import serve
-
-    return serve.get_app_handle(app).remote(None).result(timeout_s=timeout_s)
