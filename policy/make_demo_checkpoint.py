@@ -1,6 +1,6 @@
 """Demo GR00T N1.6 and N1.7 checkpoints (random weights, plausible statistics), built offline and deterministically.
 
-    python -m policy.make_demo_checkpoint OUT_DIR --preset {tiny,small,n16-3b,n17-small,n17-3b}
+    python -m policy.make_demo_checkpoint OUT_DIR --preset {tiny,small,n16-3b,n17-small,n17-3b,tiny-smooth,small-smooth}
                                                   [--embodiments gr1,unitree_g1] [--seed 0] [--force]
 
 The files are a GR00T checkpoint in NVIDIA's layout (config.json, model.safetensors with NVIDIA's parameter names,
@@ -13,6 +13,10 @@ GR00T N1.6 presets (config.json holds only the fields that differ from N1.6's de
 Eagle-style, Eagle's special tokens): ``tiny`` (tests: a few-ms forward pass), ``small`` (the CPU demo),
 ``n16-3b`` (GR00T-N1.6-3B's real dimensions: SigLIP2-so400m-sized vision tower, Qwen3-1.7B cut at 16 layers,
 32-layer DiT; for GPU figures).
+
+Smooth presets ``tiny-smooth`` and ``small-smooth``: ``tiny`` / ``small`` whose action head is briefly trained at
+build time on a synthetic task (policy.demo_training), so chunks move smoothly; relative-action statistics are
+the task's bounds; the training recipe is recorded in config.json and a cached copy of another recipe is rebuilt.
 
 GR00T N1.7 presets (config.json holds every field, as NVIDIA writes it; ``backbone/`` is a Qwen3-VL processor
 folder: config.json, a byte-level BPE tokenizer.json with Qwen3-VL's special tokens, chat_template.jinja,
@@ -68,11 +72,12 @@ from .configuration_gr00t_n1d6 import (
     SiglipVisionConfig,
 )
 from .configuration_gr00t_n1d7 import Gr00tN1d7Config
+from .demo_training import SMOOTH_PRESETS, base_preset, recipe_for, smooth_relative_statistics
 from .embodiment import resolve_tag
 
 DEFAULT_EMBODIMENTS = ("gr1", "unitree_g1")
 N17_PRESETS = ("n17-small", "n17-3b")
-PRESETS = ("tiny", "small", "n16-3b", *N17_PRESETS)
+PRESETS = ("tiny", "small", "n16-3b", *N17_PRESETS, *SMOOTH_PRESETS)
 LANGUAGE_KEY = "annotation.human.task_description"
 ACTION_HORIZON = 16
 BACKBONE_DIR = "backbone"
@@ -119,6 +124,15 @@ class Preset:
 
 
 def _preset(name: str) -> Preset:
+    if name in SMOOTH_PRESETS:
+        # The random preset's backbone (its forward cost) with one small head, trained at build time: 128 wide,
+        # since tiny's 32 cannot carry 29 action dims of noise through (its loss stalled near 1), and 2 blocks,
+        # since small's 8 blocks of 512 would take several minutes of CPU per hundred steps.
+        p = _preset(base_preset(name))
+        head = dict(hidden_size=128, input_embedding_dim=128, diffusion_model_cfg=dict(
+            p.model["diffusion_model_cfg"], num_layers=2, num_attention_heads=2, attention_head_dim=64, output_dim=128))
+        return dataclasses.replace(p, model={**p.model, **head})
+    name = base_preset(name)  # a smooth preset is its random preset's architecture, trained
     if name == "tiny":
         return Preset(
             EagleBackboneConfig(
@@ -474,7 +488,7 @@ def demo_dtype(preset: str):
     """The dtype a demo checkpoint stores: bf16 for the 3B model (halves the file), fp32 for tiny / small."""
     import torch
 
-    return torch.bfloat16 if preset in ("n16-3b", "n17-3b") else torch.float32
+    return torch.bfloat16 if base_preset(preset) in ("n16-3b", "n17-3b") else torch.float32
 
 
 def build_demo_model(preset: str, *, seed: int = 0, dtype=None, device=None):
@@ -566,10 +580,13 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
         raise ValueError(f"{len(embodiments)} embodiments, the model has {config.max_num_embodiments} slots")
     modality_configs: dict[str, Any] = {}
     statistics: dict[str, Any] = {}
+    recipe = recipe_for(preset)
     for tag in embodiments:
         layout = embodiment_layout(tag)
         modality_configs[tag] = {m: mc.to_json() for m, mc in layout["modality_configs"].items()}
         statistics[tag] = embodiment_statistics(tag, layout, seed)
+        if recipe is not None:  # relative actions' statistics: the smooth task's bounds (no target is clipped)
+            statistics[tag] = smooth_relative_statistics(tag, layout, statistics[tag], recipe, ACTION_HORIZON)
         n_action = sum(layout["action_dims"].values())
         if n_action > config.max_action_dim:
             raise ValueError(f"{tag}: {n_action} action dims > the {preset} model's max_action_dim {config.max_action_dim}")
@@ -578,6 +595,8 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
     save_weights(model, out / "model.safetensors")
     del model
     demo = {"preset": preset, "seed": int(seed), "embodiments": list(embodiments), "generator": "policy.make_demo_checkpoint"}
+    if recipe is not None:  # what a cached copy is checked against (ensure_demo_checkpoint rebuilds on a change)
+        demo["training"] = {"recipe": recipe.to_json(), "fingerprint": recipe.fingerprint()}
     if generation(preset) == N1D7:
         _write_n17_files(out, _n17_preset(preset), modality_configs, statistics, embodiments, demo)
         return out
@@ -603,7 +622,31 @@ def write_demo_checkpoint(out_dir: str | os.PathLike, preset: str, embodiments: 
     write_json(out / "statistics.json", statistics)
     write_json(out / "embodiment_id.json", embodiment_ids(embodiments, config.max_num_embodiments))
     write_backbone_folder(out / BACKBONE_DIR, backbone)
+    if recipe is not None:
+        _train_smooth(out, config, backbone, recipe, embodiments, seed)
     return out
+
+
+def _train_smooth(out: Path, config, backbone, recipe, embodiments: Sequence[str], seed: int) -> None:
+    """Train the head of the random checkpoint just written at ``out`` (policy.demo_training) and rewrite its
+    weights. The processors are the ones serving builds from these files, so training sees what serving sees."""
+    import torch
+
+    from .demo_training import train_head
+    from .modeling_gr00t_n1d6 import load_model
+    from .processing_gr00t_n1d6 import Gr00tN1d6Processor
+    from .tokenization import load_chat_template, load_tokenizer
+
+    info = read_checkpoint(out)
+    model = load_model(out, config, backbone, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer, template = load_tokenizer(out / BACKBONE_DIR), load_chat_template(out / BACKBONE_DIR)
+    processors = {tag: Gr00tN1d6Processor(info.embodiment(tag), info.processor_kwargs, config, backbone, tokenizer,
+                                          template) for tag in embodiments}
+    summary = train_head(model, processors, recipe, seed,
+                         log=lambda m: print(m, file=sys.stderr) if os.environ.get("FLEET_DEMO_TRAIN_LOG") else None)
+    if os.environ.get("FLEET_DEMO_TRAIN_LOG"):
+        print(f"trained the head: {summary}", file=sys.stderr)
+    save_weights(model, out / "model.safetensors")
 
 
 def _write_n17_files(out: Path, p: N17Preset, modality_configs: dict[str, Any], statistics: dict[str, Any],
@@ -663,6 +706,22 @@ def _check_existing(out: Path, preset: str, tags: Sequence[str]) -> Path:
     return out
 
 
+def _stale(out: Path, preset: str) -> bool:
+    """A cached demo checkpoint of a trained preset built by another training recipe (the recipe's fingerprint
+    is the cache key beside the directory name): it must be rebuilt, not served as if it were this recipe's."""
+    recipe = recipe_for(preset)
+    if recipe is None:
+        return False
+    try:
+        demo = read_json(out / "config.json").get("fleet_demo")
+    except (OSError, ValueError, CheckpointError):
+        return False  # not ours to judge: _check_existing names what is wrong
+    if not isinstance(demo, dict) or demo.get("preset") != preset:
+        return False
+    training = demo.get("training")
+    return not isinstance(training, dict) or training.get("fingerprint") != recipe.fingerprint()
+
+
 def build_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
                           embodiments: Iterable[str] | str = DEFAULT_EMBODIMENTS, seed: int = 0) -> Path:
     """Build a demo checkpoint at ``out_dir`` (replacing what is there). Atomic: built in a temporary directory
@@ -691,7 +750,7 @@ def ensure_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
     its copy and uses the winner's. An existing checkpoint must hold the embodiments (and preset) asked for."""
     tags = _normalise_embodiments(embodiments)
     out = Path(out_dir).expanduser().absolute()
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and not _stale(out, preset):
         return _check_existing(out, preset, tags)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Callers starting together wait for the first one's build instead of each building a copy (an n16-3b
@@ -715,7 +774,11 @@ def ensure_demo_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny",
 
 def _ensure_locked(out: Path, preset: str, tags: list[str], seed: int) -> Path:
     if (out / "config.json").exists():
-        return _check_existing(out, preset, tags)
+        if not _stale(out, preset):
+            return _check_existing(out, preset, tags)
+        held = read_json(out / "config.json")["fleet_demo"].get("embodiments") or []
+        # another recipe's: replaced (atomically), keeping the embodiments it held
+        return build_demo_checkpoint(out, preset, [*held, *(t for t in tags if t not in held)], seed)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"not a checkpoint directory: {out} (exists, not empty, no config.json)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -144,7 +144,7 @@ class BatchingConfig(_Strict):
 
 
 # policy.make_demo_checkpoint.PRESETS (checked by a test; this module imports neither torch nor policy).
-DemoPreset = Literal["tiny", "small", "n16-3b", "n17-small", "n17-3b"]
+DemoPreset = Literal["tiny", "small", "n16-3b", "n17-small", "n17-3b", "tiny-smooth", "small-smooth"]
 
 
 class PolicyConfig(_Strict):
