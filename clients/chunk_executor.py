@@ -1,7 +1,7 @@
 """`ChunkExecutor`: a robot's control loop over action chunks, asking for the next chunk before this one ends.
 
 Each control tick (at ``control_hz``) executes the next step of the current chunk. When ``request_at`` or fewer
-steps are left, the next chunk is asked for in the background, from a fresh observation, while the robot keeps
+steps are left (by default: half the chunk, or the predicted delay + 1 where that is more), the next chunk is asked for in the background, from a fresh observation, while the robot keeps
 executing. The request says how many steps the robot has left (``options["buffer_steps"]``, with
 ``options["control_hz"]``): a deadline-aware server (fleetserve) serves the robots about to run dry first.
 
@@ -189,7 +189,10 @@ class ChunkExecutor:
     def _request_threshold(self) -> int:
         if self.request_at is not None:
             return self.request_at
-        return max(1, self._delay_steps() + 1)  # ask early enough to be answered before running dry
+        # Early enough to be answered before running dry, and at half the chunk at the latest (LeRobot's async
+        # client asks there by default): RTC blends the old chunk into the new over the steps left beyond the
+        # frozen ones, and asked at delay + 1 there would be one step to blend over - a jump all the same.
+        return max(1, self._delay_steps() + 1, self._horizon() // 2)
 
     def run(self, duration_s: float, sleep: Callable[[float], None] = time.sleep) -> ExecutorStats:
         """Tick at ``control_hz`` for ``duration_s`` seconds (or until :meth:`stop`); returns the stats. A tick

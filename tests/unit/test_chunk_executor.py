@@ -85,6 +85,25 @@ def test_async_rtc_asks_early_aligns_the_new_chunk_and_never_runs_dry():
     assert values[switch] % 100 == 3  # new chunk entered at row 3 (3 ticks of latency)
 
 
+def test_by_default_it_asks_at_half_the_chunk_or_earlier_where_the_delay_needs_it():
+    """RTC blends over the steps left beyond the frozen ones: asked at delay + 1 it would have one to blend over."""
+    for latency, asked_at in ((2, H // 2), (5, H // 2)):
+        clock = Clock()
+        deferred = Deferred(clock, latency_ticks=latency)
+        policy = Policy(clock)
+        ex = ChunkExecutor(policy, lambda: {}, control_hz=HZ, clock=clock, submit=deferred)
+        run(ex, deferred, clock, 80)
+        assert policy.calls >= 4
+        assert [o["buffer_steps"] for o in policy.options[1:4]] == [asked_at] * 3, policy.options
+    # a round trip longer than half the chunk: asked as soon as a chunk arrives (with what is left of it)
+    clock = Clock()
+    deferred = Deferred(clock, latency_ticks=12)
+    policy = Policy(clock)
+    ex = ChunkExecutor(policy, lambda: {}, control_hz=HZ, clock=clock, submit=deferred)
+    run(ex, deferred, clock, 80)
+    assert [o["buffer_steps"] for o in policy.options[1:4]] == [H - 12] * 3, policy.options
+
+
 def test_sync_mode_waits_and_counts_the_idle_ticks():
     clock = Clock()
 
