@@ -95,7 +95,7 @@ class _Robot:
 
 
 def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, robots: int, hz: float,
-              duration_s: float, warmup_s: float) -> dict[str, Any]:
+              duration_s: float, warmup_s: float, ramp_rate: float | None = None) -> dict[str, Any]:
     from clients import ChunkExecutor, PolicyClient
 
     executors, clients_, threads = [], [], []
@@ -107,7 +107,8 @@ def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, r
         # request into RTC from the chunk it was last sent (serving.robot_sessions) -- naive async would not be
         # naive any more.
         ex = ChunkExecutor(client, robot.observe, robot.act, control_hz=hz, mode="sync" if mode == "sync" else "async",
-                           rtc=mode == "rtc", robot_id=f"loop-{i}" if mode == "rtc" else None, record=True)
+                           rtc=mode == "rtc", robot_id=f"loop-{i}" if mode == "rtc" else None,
+                           record=True, **({} if ramp_rate is None else {"rtc_ramp_rate": ramp_rate}))
         executors.append(ex)
     # warm-up: every robot runs (and fills its round-trip history); then the stats start from zero
     for ex in executors:
@@ -210,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hz", type=float, default=30.0)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--ramp-rate", type=float, default=None,
+                        help="RTC robots' ramp_rate (default: the executor's)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     results = Path(args.out)
@@ -221,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for robots in [int(x) for x in args.robots.split(",")]:
                 for mode in args.modes.split(","):
-                    row = run_point(address, embodiment, mode, robots, args.hz, args.duration, args.warmup)
+                    row = run_point(address, embodiment, mode, robots, args.hz, args.duration, args.warmup, args.ramp_rate)
                     row["preset"] = preset
                     rows.append(row)
                     print_table([row])

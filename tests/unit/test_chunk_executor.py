@@ -79,6 +79,7 @@ def test_async_rtc_asks_early_aligns_the_new_chunk_and_never_runs_dry():
     assert rtc["prev_actions"]["arm"].shape == (1, 5, 2)  # the 5 steps left, aligned to the new chunk
     np.testing.assert_array_equal(rtc["prev_actions"]["arm"][0, :, 0], [111, 112, 113, 114, 115])
     assert 1 <= rtc["frozen_steps"] <= 5  # the steps the measured round trip will take
+    assert rtc["ramp_rate"] == 2.0  # the executor's gentler blend
     # the switch skips the rows that ran while the chunk was computed: no step is repeated or lost
     values = [int(s["arm"][0]) for s in steps[first:]]
     switch = ex.stats.switches[1] - 0
