@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("clients", "policy", "serving", "bench")
+PACKAGES = ("clients", "policy", "serving", "bench", "cluster", "tools", "tests/support")
 
 
 def _module_name(path: Path) -> str:
