@@ -148,8 +148,8 @@ def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, r
 
 
 def serve(preset: str, results: Path, stamp: str):
-    from bench.fleet import fetch_info
-    from bench.run import ServeRun, bench_serve_config, ensure_checkpoint
+    from bench.harness import ServeRun, bench_serve_config, ensure_checkpoint
+    from bench.robots import fetch_info
 
     plan = SimpleNamespace(keep_deadline=False, timeout_ms=30_000, device="cpu", torch_threads=None, gpu=False,
                            embodiment="gr1", replicas=None)
@@ -233,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print_table(rows)
     out = results / f"loop-{stamp}.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    from bench.harness import results_header
+
+    header = results_header("bench.loop", argv, "cpu")  # the command, the machine and the commit beside the figures
+    out.write_text(json.dumps({**header, "args": vars(args), "rows": rows}, indent=1, default=str))
     png = plot(rows, results / f"loop-{stamp}.png")
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return 0
