@@ -120,9 +120,11 @@ def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, r
         ex.reset_stats()
     for t in threads:
         t.join(duration_s + 60)
-    jumps, jerks, idle, staleness, rt = [], [], [], [], []
+    jumps, jerks, idle, staleness, rt, failures = [], [], [], [], [], {}
     for ex in executors:
         s = ex.stats
+        for label, n in s.failure_kinds.items():
+            failures[label] = failures.get(label, 0) + n
         sm = smoothness(s.executed, s.switches)
         jumps += sm["jump"]
         jerks += sm["jerk"]
@@ -140,6 +142,7 @@ def run_point(address: tuple[str, int], embodiment: dict[str, Any], mode: str, r
         "jerk_near_switch_over_elsewhere": median(jerks),
         "staleness_ms_p50": median(staleness), "round_trip_ms_p50": median(rt),
         "chunks": int(sum(ex.stats.chunks for ex in executors)),
+        "failures": failures,  # requests that got no chunk, by the error's kind (reason)
     }
 
 

@@ -40,6 +40,7 @@ class ExecutorStats:
     chunks: int = 0  # chunks received
     requests: int = 0
     failures: int = 0  # requests that raised (the robot keeps its current chunk)
+    failure_kinds: dict[str, int] = field(default_factory=dict)  # by the error's kind (reason), else its type
     round_trip_ms: list[float] = field(default_factory=list)
     staleness_ms: list[float] = field(default_factory=list)  # per executed step: age of the observation behind it
     executed: list[dict[str, np.ndarray]] = field(default_factory=list)  # with record=True: every executed step
@@ -150,8 +151,11 @@ class ChunkExecutor:
         future, self._pending = self._pending, None
         try:
             action, _info, rt_ms = future.result()
-        except Exception:  # noqa: BLE001 - a failed request: keep executing what there is, ask again
+        except Exception as exc:  # noqa: BLE001 - a failed request: keep executing what there is, ask again
             self.stats.failures += 1
+            kind = getattr(exc, "kind", None)
+            label = f"{kind} ({exc.reason})" if kind and getattr(exc, "reason", None) else kind or type(exc).__name__
+            self.stats.failure_kinds[label] = self.stats.failure_kinds.get(label, 0) + 1
             return
         self.stats.round_trip_ms.append(rt_ms)
         self._round_trips.append(rt_ms)

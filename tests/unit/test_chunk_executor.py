@@ -144,6 +144,7 @@ def test_a_failed_request_keeps_the_robot_on_its_chunk_and_is_counted():
         ex.step()
         clock.t += 1 / HZ
     assert ex.stats.failures == 1 and ex.stats.chunks >= 2
+    assert ex.stats.failure_kinds == {"TimeoutError": 1}
 
 
 def _future(fn) -> Future:
