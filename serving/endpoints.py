@@ -174,7 +174,7 @@ class Endpoints:
         options, asked = (dict(req.options) if req.options is not None else None), None
         model = await self._registry.choose(tag, _pop_model_id(options, env.model_id), self._port_model(port, tag))
         call.model = model
-        robot = hz = buffer = None
+        robot = hz = buffer = due_ms = None
         if options is not None:  # ours, not the policy's: popped before the policy sees them
             call.traced = bool(options.pop("trace", False))  # bench.hops asks for the hops
             if "deadline_ms" in options:
@@ -187,9 +187,8 @@ class Endpoints:
             if hz is None:
                 raise RequestError("options.buffer_steps: needs the robot's control rate, options.control_hz (or the "
                                    "embodiment's control_hz)")
-            if buffer > 0:  # the deadline is when the buffer runs dry
-                buffer_ms = buffer / hz * 1000.0
-                asked = buffer_ms if asked is None else min(float(asked), buffer_ms)
+            if buffer > 0:  # due when the buffer runs dry: served before robots with more left
+                due_ms = buffer / hz * 1000.0
             else:  # already dry: the robot stands still until this answer, whatever its deadline
                 self._metrics.underrun(tag)
         if robot is not None and hz is not None and req.samples == 1 and self.config.robot_sessions \
@@ -203,7 +202,8 @@ class Endpoints:
         margin_s = min(DELIVERY_MARGIN_S, 0.1 * budget_ms / 1000.0)
         delivered = await self._schedulers[tag].submit(
             InferenceRequest(req.observation, options, req.samples), model, received,
-            received + budget_ms / 1000.0 - margin_s)
+            received + budget_ms / 1000.0 - margin_s,
+            None if due_ms is None else received + min(due_ms, budget_ms) / 1000.0 - margin_s)
         outcome = delivered.outcome
         if outcome.error is not None:
             if buffer:  # the robot's buffer ran dry without this action
@@ -213,6 +213,8 @@ class Endpoints:
         if robot is not None and req.samples == 1 and self.config.robot_sessions:
             self.sessions.delivered(robot, (tag, model), outcome.action, received)
         total_ms = (time.time() - received) * 1000.0
+        if due_ms is not None and total_ms > due_ms:  # answered, after the robot's buffer ran dry
+            self._metrics.underrun(tag)
         self._metrics.action(tag, delivered.batch_size, delivered.queue_ms, delivered.infer_ms, total_ms,
                              delivered.predicted_ms)
         info = dict(outcome.info)
@@ -224,6 +226,7 @@ class Endpoints:
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
             "deadline_ms": round(budget_ms, 3),
+            **({} if due_ms is None else {"due_ms": round(min(due_ms, budget_ms), 3)}),
             "total_ms": round(total_ms, 3),
         }
         if call.traced:

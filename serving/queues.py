@@ -41,11 +41,15 @@ class Waiting:
     """One get_action waiting for its action: the request, which model it asks for, its times (the scheduler's
     clock, seconds) and the future its robot's handler awaits."""
 
-    __slots__ = ("request", "model", "received", "deadline", "seq", "future", "key", "queued", "timer", "batch")
+    __slots__ = ("request", "model", "received", "deadline", "due", "seq", "future", "key", "queued", "timer", "batch")
 
     def __init__(self, request: InferenceRequest, model: str, received: float, deadline: float, seq: int,
                  future: asyncio.Future, queued: float):
         self.request, self.model, self.received, self.deadline, self.seq = request, model, received, deadline, seq
+        # When it should be served: the deadline, or earlier where the robot's action buffer runs dry first. Only
+        # the queue's order reads it; refusals and expiry go by the deadline (a robot whose buffer ran dry still
+        # wants its action: it stands still until it comes).
+        self.due = deadline
         self.future, self.queued = future, queued
         self.key: tuple = ()  # the queue's order (RequestQueue.order)
         self.timer: asyncio.TimerHandle | None = None  # its expiry at the deadline
@@ -176,7 +180,7 @@ class DeadlineClassQueue(RequestQueue):
     policy = "edf"
 
     def order(self, item: Waiting) -> tuple:
-        return budget_class(item.budget_s), item.deadline, item.seq
+        return budget_class(item.due - item.received), item.due, item.seq
 
     def refuse_on_arrival(self, item: Waiting, cap: Capacity, now: float) -> float | None:
         if not cap.forward.ready:

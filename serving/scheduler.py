@@ -215,10 +215,12 @@ class EmbodimentScheduler:
 
     # --- requests ------------------------------------------------------------------------------------------
 
-    def submit(self, request: InferenceRequest, model: str, received: float, deadline: float) -> asyncio.Future:
+    def submit(self, request: InferenceRequest, model: str, received: float, deadline: float,
+               due: float | None = None) -> asyncio.Future:
         """The future of `request`'s Delivered; raises RequestError at once when overloaded or predicted late.
         The future fails with a RequestError (kind deadline) at the deadline at the latest: a late action
-        never reaches the robot."""
+        never reaches the robot. `due` (default: the deadline) orders the queue only: when a robot's buffer runs
+        dry, it is served before those with more left, never refused for it."""
         now = self._clock()
         self._demand.add(request.samples, now)
         if len(self.queue) >= self.max_queued:
@@ -230,6 +232,8 @@ class EmbodimentScheduler:
         self._rates.add(deadline - received, request.samples, now)
         loop = asyncio.get_running_loop()
         item = Waiting(request, model, received, deadline, next(self._seq), loop.create_future(), now)
+        if due is not None:
+            item.due = min(due, deadline)
         late = self.queue.refuse_on_arrival(item, self, now)
         if late is not None:
             raise self._refused_early(item, late)

@@ -180,6 +180,29 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_saying_why()
     simtime.run(main)
 
 
+def test_a_buffer_due_orders_the_queue_but_never_refuses():
+    """A robot whose buffer runs dry sooner is served first, and one due before any pass could end is queued
+    (it stands still until its action comes), not refused: only the deadline refuses."""
+    async def main():
+        fake = FakeReplicas(50.0, 10.0, max_batch_size=1)
+        s = scheduler(fake, batch_wait_ms=0.0, max_batch_size=1)
+        await warm(s)
+        warm_batches = len(fake.batches)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        blocker = asyncio.ensure_future(s.submit(request(-1), "default", t0, t0 + 5.0))  # holds the replica
+        await asyncio.sleep(0.005)
+        t1 = loop.time()
+        later = asyncio.ensure_future(s.submit(request(0), "default", t1, t1 + 5.0, due=t1 + 3.0))
+        sooner = asyncio.ensure_future(s.submit(request(1), "default", t1, t1 + 5.0, due=t1 + 0.010))
+        await asyncio.gather(blocker, later, sooner)
+        assert fake.ids(warm_batches) == [[-1], [1], [0]]
+        assert s.counts["refused_early"] == 0
+        await s.close()
+
+    simtime.run(main)
+
+
 def test_a_full_queue_refuses_at_once_as_overloaded():
     async def main():
         fake = FakeReplicas(100.0, 1.0)
