@@ -169,6 +169,7 @@ class Task:
         self.spec, self.codec, self.recipe = spec, codec, recipe
         self.horizon = codec.action_horizon
         self.minmax = _minmax_states(spec)
+        self.relative_keys = {key for key, _, _ in codec.relative_actions}
 
     def sample_states(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         """Raw states {key: (n, 1, D)}: min/max keys uniform over the box a little past [-1, 1] (robots start
@@ -195,7 +196,7 @@ class Task:
                 s = np.asarray(states[state_key], np.float64)[:, -1]
                 u = np.clip(2.0 * (s - lo) / (hi - lo) - 1.0, -1.0, 1.0)
                 offsets = chunk_offsets(u, self.recipe, self.horizon)
-                if key in self.codec_relative:
+                if key in self.relative_keys:
                     out[key] = s[:, None, :] + offsets * ((hi - lo) / 2.0)
                 else:  # absolute: the same path, from the (clipped) state it reads
                     out[key] = lo + (u[:, None, :] + offsets + 1.0) / 2.0 * (hi - lo)
@@ -205,10 +206,6 @@ class Task:
                        else (np.asarray(st["min"]) + np.asarray(st["max"])) / 2.0)
                 out[key] = np.broadcast_to(mid, (n, self.horizon, d)).copy()
         return {k: v.astype(np.float32) for k, v in out.items()}
-
-    @property
-    def codec_relative(self) -> set[str]:
-        return {ak.key for ak in self.codec._actions if ak.state_key is not None}
 
     def normalised_chunk(self, states: Mapping[str, np.ndarray]) -> np.ndarray:
         """(N, horizon, action_dim) model-space targets."""

@@ -298,6 +298,11 @@ class StateActionCodec:
         return tuple(first.shape[:-1]) if first is not None else (0, 1)
 
     # -- actions --------------------------------------------------------------------------------------------------
+    @property
+    def relative_actions(self) -> list[tuple[str, int, int]]:
+        """(key, offset, width) in the normalised action vector of each action decoded relative to a state."""
+        return [(ak.key, ak.offset, ak.dim) for ak in self._actions if ak.state_key is not None]
+
     def decode_actions(self, normalized: np.ndarray, states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """float32 (N, H_model, max_action_dim) normalised -> {key: float32 (N, horizon, D)} physical.
         ``states``: the raw states {key: (N, T, D)} (RELATIVE keys use the last step of theirs)."""

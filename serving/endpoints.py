@@ -197,13 +197,15 @@ class Endpoints:
             if rtc is not None:  # the robot's last chunk continues into this one (policy.rtc)
                 options["rtc"] = rtc
         budget_ms = self._admission[tag].deadline_ms(asked, port.slo_ms)
+        if due_ms is not None:
+            due_ms = min(due_ms, budget_ms)
         # The robot's clock started before ours and stops after the reply crosses the network: the scheduler
         # aims a little before the deadline, so an action it delivers is still on time where the robot is.
         margin_s = min(DELIVERY_MARGIN_S, 0.1 * budget_ms / 1000.0)
         delivered = await self._schedulers[tag].submit(
             InferenceRequest(req.observation, options, req.samples), model, received,
             received + budget_ms / 1000.0 - margin_s,
-            None if due_ms is None else received + min(due_ms, budget_ms) / 1000.0 - margin_s)
+            None if due_ms is None else received + due_ms / 1000.0 - margin_s)
         outcome = delivered.outcome
         if outcome.error is not None:
             if buffer:  # the robot's buffer ran dry without this action
@@ -226,7 +228,7 @@ class Endpoints:
             "queue_ms": round(delivered.queue_ms, 3),
             "infer_ms": round(delivered.infer_ms, 3),
             "deadline_ms": round(budget_ms, 3),
-            **({} if due_ms is None else {"due_ms": round(min(due_ms, budget_ms), 3)}),
+            **({} if due_ms is None else {"due_ms": round(due_ms, 3)}),
             "total_ms": round(total_ms, 3),
         }
         if call.traced:
