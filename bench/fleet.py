@@ -273,8 +273,12 @@ async def run_fleet(
     ticker = asyncio.ensure_future(report_progress())
     try:
         # Sending stops at stop_at (or, bounded by the request count alone, when the budget is spent); requests
-        # on their way get `drain` more seconds; the window ends when sending stopped.
-        stats.window_end = await run_robots(stats.crew, stop_at, drain)
+        # on their way get `drain` more seconds; the window ends when sending stopped. It is set before the run:
+        # the replies drained after it must not count in a window that ends before them (they added up to
+        # robots / window to every closed-loop throughput: 16 robots over 15 s, +1.07 samples/s).
+        stats.window_end = stop_at
+        stopped = await run_robots(stats.crew, stop_at, drain)
+        stats.window_end = min(stop_at, stopped)
     finally:
         ticker.cancel()
         ctx.term()

@@ -201,6 +201,45 @@ def test_error_replies_grouped_by_prefix(tmp_path):
     assert report.latency_ms["p50"] is None
 
 
+def test_replies_drained_after_the_window_do_not_count_in_it():
+    """A server answering every request 0.5 s after it came, one robot, 1.25 s of sending: replies at 0.5 and 1.0 s
+    fall in the window; the one sent at 1.0 s is answered at 1.5 s, in the drain, and counts as answered but not
+    in the window's throughput (it once did: closed-loop throughput was inflated by robots / window)."""
+    import threading
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            if sock.poll(50):
+                unpackb(sock.recv())
+                stop.wait(0.5)
+                sock.send(packb([{"arm": np.zeros((1, 2, 3), np.float32)}, {}]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    embodiment = {
+        "modality_config": {"video": {"delta_indices": [0]}, "state": {"delta_indices": [0]},
+                            "language": {"delta_indices": [0], "modality_keys": ["task"]}},
+        "image_size": [8, 8], "video_keys": ["cam"], "state_dims": {"arm": 3},
+    }
+    try:
+        report = run_fleet_sync([f"127.0.0.1:{port}"], 1, 1.25, timeout_ms=5000, drain_s=3.0,
+                                embodiments={f"127.0.0.1:{port}": embodiment})
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+    assert report.answered == 3 and report.consistent
+    assert report.window_answered == 2
+    assert report.window_s == pytest.approx(1.25, abs=0.05)
+    assert report.throughput_rps == pytest.approx(2 / report.window_s, rel=1e-3)
+
+
 @pytest.mark.parametrize("processes", [2])
 def test_fleet_over_processes(serial_server, processes):
     report = run_fleet_sync([f"127.0.0.1:{serial_server.port}"], 4, None, requests=16, timeout_ms=30_000,
