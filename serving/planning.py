@@ -324,14 +324,19 @@ REACH_MARGIN = 0.1  # of the tight budget: kept free of the reach, for the predi
 CLEARLY_TIGHTER = 0.75  # a class is tighter than another when its budget is under this share of the other's
 
 
-def free_at(now: float, replicas: int, busy_until: Iterable[float]) -> list[float]:
+def free_at(now: float, replicas: int, inflight: Iterable[tuple[float, float]]) -> list[float]:
     """When each of `replicas` finishes what it runs now (predicted), earliest first; `now` for idle ones.
-    Batches in dispatch order run on the first replica to free (`busy_until`: each batch's predicted end)."""
-    free = [now] * max(1, replicas)
-    for end in sorted(busy_until):
+
+    `inflight`: (sent, predicted service s) of each batch still on its way, in dispatch order; each runs on the
+    first replica to free, from when it was sent. Recomputed from the batches still out, never from ends
+    predicted at dispatch: a batch sent behind one predicted long would otherwise keep that stale end after
+    the long one came back early, and each batch sent behind it would add its own on top (a tiny model under a
+    stall once predicted 19 s to a lone request on an idle replica and refused every robot)."""
+    free = [-math.inf] * max(1, replicas)
+    for sent, service_s in inflight:
         free.sort()
-        free[0] = max(free[0], end)
-    return sorted(free)
+        free[0] = max(free[0], sent) + service_s
+    return sorted(max(now, f) for f in free)
 
 
 def inflight_slots(model: ForwardTimeModel, max_batch_size: int, overhead_ms: float, replicas: int,

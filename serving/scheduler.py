@@ -86,7 +86,7 @@ class Batch:
     model: str
     items: list[Waiting]
     sent: float  # clock
-    ends: float  # predicted end of its pass (clock): when its replica frees
+    service_s: float  # predicted time from dispatch to reply (planning.free_at stacks the batches still out)
     predicted_forward_ms: float | None  # reported beside the replica's infer_ms
     learn_overhead: bool  # sent to a replica believed free: its call time beyond the pass is overhead
     back: float = 0.0  # clock, when the reply came
@@ -198,7 +198,7 @@ class EmbodimentScheduler:
         return self.base_overhead_ms
 
     def free_at(self, now: float) -> list[float]:
-        return free_at(now, self.replicas, (b.ends for b in self._inflight))
+        return free_at(now, self.replicas, ((b.sent, b.service_s) for b in self._inflight))
 
     def _reach(self, now: float, overhead_ms: float) -> float | None:
         return reach_s(self.forward, self._rates.tightest(now), overhead_ms)
@@ -308,7 +308,7 @@ class EmbodimentScheduler:
         if not plan.batch:
             return bool(plan.refuse)
         samples = sum(i.samples for i in plan.batch)
-        batch = Batch(model, plan.batch, now, start + (plan.predicted_ms or 0.0) / 1000.0, self.forward.predict(samples),
+        batch = Batch(model, plan.batch, now, (plan.predicted_ms or 0.0) / 1000.0, self.forward.predict(samples),
                       learn_overhead=start <= now)
         for item in plan.batch:
             item.batch = batch

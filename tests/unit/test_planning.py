@@ -143,10 +143,17 @@ def test_completion_prediction_counts_the_work_ahead_and_the_free_replicas():
 
 def test_replicas_free_in_dispatch_order_on_the_first_to_free():
     assert free_at(10.0, 2, []) == [10.0, 10.0]
-    # three batches sent in that order, two replicas: the third runs after the first ends
-    assert free_at(10.0, 2, [10.5, 10.2]) == [10.2, 10.5]
-    assert free_at(10.0, 2, [10.5, 10.2, 10.9]) == [10.5, 10.9]
-    assert free_at(10.0, 1, [9.0]) == [10.0]  # predicted past its end: free now
+    # three batches sent at 10.0 in that order, two replicas: the third runs after the first to end
+    assert free_at(10.0, 2, [(10.0, 0.5), (10.0, 0.2)]) == pytest.approx([10.2, 10.5])
+    assert free_at(10.0, 2, [(10.0, 0.5), (10.0, 0.2), (10.0, 0.4)]) == pytest.approx([10.5, 10.6])
+    assert free_at(10.0, 1, [(8.0, 1.0)]) == [10.0]  # predicted past its end: free now
+
+
+def test_a_batch_sent_behind_one_that_came_back_early_counts_from_its_own_dispatch():
+    """One replica: A predicted 6 s (a stall), B sent behind it. A comes back at once: B's replica frees when B
+    does, from its own dispatch, not 6 s later; and the batches after it do not pile on a stale end."""
+    assert free_at(0.1, 1, [(0.0, 6.0), (0.1, 0.1)]) == pytest.approx([6.1])  # both out: B behind A
+    assert free_at(0.15, 1, [(0.1, 0.1)]) == pytest.approx([0.2])  # A back: B alone, from its own dispatch
 
 
 def test_a_second_batch_waits_at_each_replica_only_when_the_round_trip_is_a_noticeable_share_of_a_pass():

@@ -432,3 +432,41 @@ def test_slo_and_scheduler_config_errors_name_the_field():
     with pytest.raises(ValidationError, match="scheduler"):
         FleetArgs.model_validate({"embodiments": {"gr1": {"checkpoint": "/x"}},
                                   "ingress": {"ports": [{"port": 5555, "embodiment": "gr1"}], "scheduler": "lifo"}})
+
+
+def test_after_a_stall_the_replica_frees_when_its_batches_do_not_when_the_stall_predicted():
+    """A few passes 100x slow (another process took the cores), then fast again, robots in a closed loop
+    throughout on one replica with two batches in flight. The batches sent while the long passes were
+    predicted come back fast; a replica's free time is recomputed from the batches still out, so the
+    predictions fall back with the passes and no robot is refused (once, a stale end carried from batch to
+    batch grew to the whole budget and refused every robot)."""
+
+    async def main():
+        fake = FakeReplicas(10.0, 1.0, replicas=1, max_batch_size=2, call_ms=1.0)
+        s = scheduler(fake, max_inflight=2)
+        await warm(s)
+        loop = asyncio.get_running_loop()
+        refused: list[str] = []
+
+        async def robot(i: int, until: float) -> None:
+            while loop.time() < until:
+                try:
+                    await ask(s, i, budget_s=3.0)
+                except RequestError as exc:
+                    refused.append(str(exc))
+                    await asyncio.sleep(0.05)
+
+        end = loop.time() + 30.0
+        robots = [asyncio.ensure_future(robot(i, end)) for i in range(4)]
+        await asyncio.sleep(1.0)
+        fake.fixed_ms = 1000.0  # the stall
+        await asyncio.sleep(8.0)
+        fake.fixed_ms = 10.0
+        await asyncio.sleep(5.0)  # recovered
+        refused.clear()
+        await asyncio.gather(*robots)
+        assert refused == [], refused[:3]
+        assert s.stats()["forward_model"]["fixed_ms"] < 100.0
+        await s.close()
+
+    simtime.run(main)
