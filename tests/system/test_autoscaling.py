@@ -120,6 +120,8 @@ def test_autoscaling_gr1_scales_out_under_robot_load_and_back_in_after(autoscale
                  f"robots to be answered by two replicas ({load.snapshot()['replicas']})", interval=0.25)
         load.stop()
         under_load = load.snapshot()
+        # What the ingress's scheduler believed (forward-time model, overhead, replicas), for a failure message.
+        believed = serve.get_deployment_handle("ZmqIngress", APP).remote(None).result(timeout_s=30)["embodiments"][TAG]
         # Only the trickle (1 robot, ~4 req/s) remains: ongoing calls well below target, so back to 1 replica.
         wait_for(lambda: timeline.poll() == {"RUNNING": 1}, 60, f"gr1 to scale back in to 1 replica ({timeline})",
                  interval=0.25)
@@ -133,7 +135,8 @@ def test_autoscaling_gr1_scales_out_under_robot_load_and_back_in_after(autoscale
 
     print(f"\nautoscaling timeline: {timeline}\n  scaled out at {scaled_out_at:.1f}s, back in at {scaled_in_at:.1f}s; "
           f"load: {under_load['answered']} actions by replica {under_load['replicas']}; trickle: {during['answered']}")
-    assert not under_load["errors"], f"robots got errors under load: {under_load['errors']} {load.error_log[:5]}"
+    assert not under_load["errors"], (f"robots got errors under load: {under_load['errors']} {load.error_log[:5]}; "
+                                      f"the scheduler: {believed}")
     assert not during["errors"], f"the trickle robot got errors across scaling: {during['errors']} {trickle.error_log[:5]}"
     assert under_load["answered"].get(TAG, 0) > 20, under_load
     assert len(since_scale_in) == 1, f"after the scale-in, actions came from {since_scale_in}"
