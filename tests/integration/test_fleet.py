@@ -164,6 +164,14 @@ def test_dead_target_without_info_fails_fast():
     assert time.monotonic() - t0 < 5
 
 
+# What an `info` reply says of an embodiment, for the stub servers below (they answer no `info`).
+STUB_EMBODIMENT = {
+    "modality_config": {"video": {"delta_indices": [0]}, "state": {"delta_indices": [0]},
+                        "language": {"delta_indices": [0], "modality_keys": ["task"]}},
+    "image_size": [8, 8], "video_keys": ["cam"], "state_dims": {"arm": 3},
+}
+
+
 def test_error_replies_grouped_by_prefix(tmp_path):
     """A server that answers every request with an error: counted by message prefix, never as answered."""
     ctx = zmq.Context.instance()
@@ -184,14 +192,9 @@ def test_error_replies_grouped_by_prefix(tmp_path):
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    embodiment = {
-        "modality_config": {"video": {"delta_indices": [0]}, "state": {"delta_indices": [0]},
-                            "language": {"delta_indices": [0], "modality_keys": ["task"]}},
-        "image_size": [8, 8], "video_keys": ["cam"], "state_dims": {"arm": 3},
-    }
     try:
         report = run_fleet_sync([f"127.0.0.1:{port}"], 2, None, requests=10, timeout_ms=5000,
-                                embodiments={f"127.0.0.1:{port}": embodiment})
+                                embodiments={f"127.0.0.1:{port}": STUB_EMBODIMENT})
     finally:
         stop = True
         thread.join(5)
@@ -222,14 +225,9 @@ def test_replies_drained_after_the_window_do_not_count_in_it():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    embodiment = {
-        "modality_config": {"video": {"delta_indices": [0]}, "state": {"delta_indices": [0]},
-                            "language": {"delta_indices": [0], "modality_keys": ["task"]}},
-        "image_size": [8, 8], "video_keys": ["cam"], "state_dims": {"arm": 3},
-    }
     try:
         report = run_fleet_sync([f"127.0.0.1:{port}"], 1, 1.25, timeout_ms=5000, drain_s=3.0,
-                                embodiments={f"127.0.0.1:{port}": embodiment})
+                                embodiments={f"127.0.0.1:{port}": STUB_EMBODIMENT})
     finally:
         stop.set()
         thread.join(5)
