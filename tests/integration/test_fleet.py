@@ -5,9 +5,11 @@ Real ZMQ on 127.0.0.1, the tiny demo model, no Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -172,33 +174,40 @@ STUB_EMBODIMENT = {
 }
 
 
-def test_error_replies_grouped_by_prefix(tmp_path):
-    """A server that answers every request with an error: counted by message prefix, never as answered."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REP)
+@contextlib.contextmanager
+def stub_server(answer):
+    """A REP server on 127.0.0.1 answering each request with `answer(n, stop)` (n counts from 1; `stop` is set when
+    the test ends, for an answer that waits); yields its address. It answers no `info`: give STUB_EMBODIMENT."""
+    sock = zmq.Context.instance().socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    stop = False
-
-    import threading
+    stop = threading.Event()
 
     def serve():
         n = 0
-        while not stop:
+        while not stop.is_set():
             if sock.poll(50):
                 unpackb(sock.recv())
                 n += 1
-                sock.send(packb({"error": f"policy 'gr1' failed: boom #{n}"} if n % 2 else {"error": "Unauthorized: Invalid API token"}))
+                sock.send(packb(answer(n, stop)))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        report = run_fleet_sync([f"127.0.0.1:{port}"], 2, None, requests=10, timeout_ms=5000,
-                                embodiments={f"127.0.0.1:{port}": STUB_EMBODIMENT})
+        yield f"127.0.0.1:{port}"
     finally:
-        stop = True
+        stop.set()
         thread.join(5)
         sock.close()
+
+
+def test_error_replies_grouped_by_prefix(tmp_path):
+    """A server that answers every request with an error: counted by message prefix, never as answered."""
+    def answer(n, stop):
+        return {"error": f"policy 'gr1' failed: boom #{n}"} if n % 2 else {"error": "Unauthorized: Invalid API token"}
+
+    with stub_server(answer) as target:
+        report = run_fleet_sync([target], 2, None, requests=10, timeout_ms=5000, embodiments={target: STUB_EMBODIMENT})
     assert report.sent == 10 and report.answered == 0 and report.errors == 10 and report.consistent
     assert report.errors_by_kind == {"error reply: policy 'gr1' failed": 5, "error reply: Unauthorized": 5}
     assert report.latency_ms["p50"] is None
@@ -208,30 +217,12 @@ def test_replies_drained_after_the_window_do_not_count_in_it():
     """A server answering every request 0.5 s after it came, one robot, 1.25 s of sending: replies at 0.5 and 1.0 s
     fall in the window; the one sent at 1.0 s is answered at 1.5 s, in the drain, and counts as answered but not
     in the window's throughput (it once did: closed-loop throughput was inflated by robots / window)."""
-    import threading
+    def answer(n, stop):
+        stop.wait(0.5)
+        return [{"arm": np.zeros((1, 2, 3), np.float32)}, {}]
 
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            if sock.poll(50):
-                unpackb(sock.recv())
-                stop.wait(0.5)
-                sock.send(packb([{"arm": np.zeros((1, 2, 3), np.float32)}, {}]))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        report = run_fleet_sync([f"127.0.0.1:{port}"], 1, 1.25, timeout_ms=5000, drain_s=3.0,
-                                embodiments={f"127.0.0.1:{port}": STUB_EMBODIMENT})
-    finally:
-        stop.set()
-        thread.join(5)
-        sock.close()
+    with stub_server(answer) as target:
+        report = run_fleet_sync([target], 1, 1.25, timeout_ms=5000, drain_s=3.0, embodiments={target: STUB_EMBODIMENT})
     assert report.answered == 3 and report.consistent
     assert report.window_answered == 2
     assert report.window_s == pytest.approx(1.25, abs=0.05)
