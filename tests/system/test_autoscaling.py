@@ -120,8 +120,10 @@ def test_autoscaling_gr1_scales_out_under_robot_load_and_back_in_after(autoscale
                  f"robots to be answered by two replicas ({load.snapshot()['replicas']})", interval=0.25)
         load.stop()
         under_load = load.snapshot()
-        # What the ingress's scheduler believed (forward-time model, overhead, replicas), for a failure message.
-        believed = serve.get_deployment_handle("ZmqIngress", APP).remote(None).result(timeout_s=30)["embodiments"][TAG]
+        # What the ingress's scheduler believed (forward-time model, overhead, replicas), for a failure message:
+        # read now, before the scale-in changes it, and only when there is a failure to explain.
+        believed = (serve.get_deployment_handle("ZmqIngress", APP).remote(None).result(timeout_s=30)["embodiments"][TAG]
+                    if under_load["errors"] else None)
         # Only the trickle (1 robot, ~4 req/s) remains: ongoing calls well below target, so back to 1 replica.
         wait_for(lambda: timeline.poll() == {"RUNNING": 1}, 60, f"gr1 to scale back in to 1 replica ({timeline})",
                  interval=0.25)
